@@ -1,0 +1,11 @@
+"""BlockMerge engine: block-weighted merging of SD1/SD2/SDXL checkpoints, streamed one tensor at a time."""
+from .errors import MergeError, MergeInterrupted
+from .recipe import Recipe
+
+__all__ = ["MergeError", "MergeInterrupted", "Recipe", "merge_to_file"]
+__version__ = "0.1.0"
+
+
+def merge_to_file(*args, **kwargs):
+    from .merge import merge_to_file as _m
+    return _m(*args, **kwargs)

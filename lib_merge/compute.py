@@ -1,0 +1,38 @@
+"""Compute one output tensor (or a chunk of it) from the plan: shared by the file sink and the live sink.
+
+``merge_chunk`` takes source tensors (any dtype), computes in fp32 on ``device`` and returns the fp32 result;
+casting to the output dtype is the sink's job, done once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .plan import KeyPlan
+from .modes import Mode
+
+
+def merge_tensors(mode: Mode, kp: KeyPlan, tensors: list[Tensor], scratch: list[Tensor] | None = None,
+                  device: torch.device | str = "cpu") -> Tensor:
+    """fp32 result of ``mode`` on ``tensors`` (A first) for key plan ``kp``.
+
+    ``scratch``: optional fp32 buffers (one per input, same numel as the inputs) that may be overwritten.
+    Handles the inpainting first conv (merge only the first ``kp.channels`` input channels, keep A's rest).
+    """
+    if kp.channels is not None:
+        a = tensors[0].to(device=device, dtype=torch.float32, copy=True)
+        parts = [a[:, :kp.channels].clone()] + [t[:, :kp.channels].to(device=device, dtype=torch.float32, copy=True)
+                                                for t in tensors[1:]]
+        parts += [None] * (3 - len(parts))
+        a[:, :kp.channels] = mode.fn(parts[0], parts[1], parts[2], kp.alpha, kp.beta)
+        return a
+    ins: list[Tensor | None] = []
+    for i, t in enumerate(tensors):
+        if scratch is not None:
+            buf = scratch[i][: t.numel()].view(t.shape)
+            buf.copy_(t)
+            ins.append(buf)
+        else:
+            ins.append(t.to(device=device, dtype=torch.float32, copy=True))
+    ins += [None] * (3 - len(ins))
+    return mode.fn(ins[0], ins[1], ins[2], kp.alpha, kp.beta)

@@ -1,0 +1,119 @@
+"""Elemental rules in supermerger's grammar: ``Blocks:Elements:Ratio``.
+
+One rule per line or comma. ``Blocks`` is a space-separated list of block IDs or ranges (``IN00-IN05``),
+optionally led by ``NOT``; blank = every block. ``Elements`` is a space-separated list of substrings of the
+key, optionally led by ``NOT``; blank = every key. The last matching rule wins.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .arch import SD1_BLOCKS, ArchSpec
+from .errors import MergeError
+
+
+@dataclass(frozen=True)
+class Rule:
+    blocks: frozenset[str] | None  # None = every block
+    not_blocks: bool
+    elements: tuple[str, ...] | None  # None = every key
+    not_elements: bool
+    ratio: float
+    text: str
+
+    def matches(self, key: str, block: str) -> bool:
+        if self.blocks is not None and ((block in self.blocks) == self.not_blocks):
+            return False
+        if self.elements is not None:
+            hit = any(e in key for e in self.elements)
+            if hit == self.not_elements:
+                return False
+        return True
+
+
+def _expand_block(token: str, arch: ArchSpec, rule: str) -> list[str]:
+    names = arch.blocks
+    parts = token.split("-")
+    for p in parts:
+        if p not in names:
+            if arch.name == "sdxl" and p in SD1_BLOCKS:
+                raise MergeError(f"block {p} does not exist on SDXL (IN00-IN08, M00, OUT00-OUT08), "
+                                 f"elemental rule {rule!r}")
+            raise MergeError(f"unknown block {p!r}, elemental rule {rule!r}")
+    if len(parts) == 1:
+        return parts
+    if len(parts) != 2:
+        raise MergeError(f"bad block range {token!r}, elemental rule {rule!r}")
+    i, j = sorted((names.index(parts[0]), names.index(parts[1])))
+    return list(names[i:j + 1])
+
+
+def _split_not(field: str) -> tuple[bool, list[str]]:
+    tokens = field.split()
+    if tokens and tokens[0].upper() == "NOT":
+        return True, tokens[1:]
+    return False, tokens
+
+
+def parse_rule(text: str, arch: ArchSpec) -> Rule:
+    raw = text.strip()
+    if raw.count(":") != 2:
+        raise MergeError(f"elemental rule needs exactly two ':' (Blocks:Elements:Ratio), {raw!r}")
+    bfield, efield, rfield = (f.strip() for f in raw.split(":"))
+    not_b, btoks = _split_not(bfield)
+    blocks: set[str] | None = None
+    if btoks:
+        blocks = set()
+        for t in btoks:
+            blocks.update(_expand_block(t.upper(), arch, raw))
+    elif not_b:
+        raise MergeError(f"NOT with no blocks, elemental rule {raw!r}")
+    not_e, etoks = _split_not(efield)
+    if not_e and not etoks:
+        raise MergeError(f"NOT with no elements, elemental rule {raw!r}")
+    r = rfield.strip()
+    if r.upper() in ("R", "U", "X"):
+        raise MergeError(f"random ratios ({r}) are not supported yet, elemental rule {raw!r}")
+    try:
+        ratio = float(r)
+    except ValueError:
+        raise MergeError(f"ratio {r!r} is not a number, elemental rule {raw!r}") from None
+    if not math.isfinite(ratio):
+        raise MergeError(f"ratio {r!r} is not a finite number, elemental rule {raw!r}")
+    return Rule(frozenset(blocks) if blocks is not None else None, not_b,
+                tuple(etoks) if etoks else None, not_e, ratio, raw)
+
+
+def parse_rules(text: str | None, arch: ArchSpec) -> list[Rule]:
+    if not text:
+        return []
+    rules = []
+    for line in text.replace("\r", "\n").split("\n"):
+        for entry in line.split(","):
+            if entry.strip():
+                rules.append(parse_rule(entry, arch))
+    return rules
+
+
+def apply_rules(rules: list[Rule], key: str, block: str, ratio: float) -> float:
+    """The ratio after the rules: the last matching rule wins."""
+    for r in rules:
+        if r.matches(key, block):
+            ratio = r.ratio
+    return ratio
+
+
+def subtarget_rule(subtargets: list[str], ratio: float) -> str | None:
+    """The elemental rule equivalent to sub-target selectors: keys outside them get ``ratio``.
+
+    ``attn1`` -> ``attn1``, ``attn2`` -> ``attn2``, ``ff`` -> ``ff.net``; ``all`` (or nothing) -> no rule.
+    """
+    subs = {"attn1": "attn1", "attn2": "attn2", "ff": "ff.net"}
+    chosen = [s for s in subtargets if s != "all"]
+    if not chosen or "all" in subtargets:
+        return None
+    bad = [s for s in chosen if s not in subs]
+    if bad:
+        raise MergeError(f"unknown sub-target {bad[0]!r} (attn1, attn2, ff, all)")
+    return f":NOT {' '.join(subs[s] for s in chosen)}:{ratio!r}"

@@ -1,0 +1,86 @@
+"""``inspect``: what a checkpoint is, without reading its tensors."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .arch import block_of, detect, part_of
+from .errors import MergeError
+from .sources import open_source
+
+
+def summarize(path: str | Path) -> dict:
+    with open_source(path) as src:
+        infos = src.infos
+        size = src.path.stat().st_size
+        summary: dict = {"file": str(src.path), "size_bytes": size, "keys": len(infos),
+                         "dtypes": dict(Counter(i.dtype for i in infos.values()).most_common())}
+        try:
+            det = detect(src.shapes(), str(src.path))
+            summary["architecture"] = det.arch.name
+            summary["architecture_label"] = det.arch.label
+            summary["variant"] = det.variant
+            summary["evidence"] = det.evidence
+            arch = det.arch
+        except MergeError as e:
+            summary["architecture"] = None
+            summary["architecture_error"] = str(e)
+            arch = None
+        parts: Counter = Counter()
+        params_by_part: Counter = Counter()
+        blocks: Counter = Counter()
+        for k, i in infos.items():
+            p = part_of(k)
+            parts[p] += 1
+            params_by_part[p] += i.numel
+            if arch is not None and p != "vae":
+                blocks[block_of(k, arch)] += i.numel
+        summary["parts"] = {p: {"keys": parts[p], "params": params_by_part[p]} for p in ("unet", "te", "vae", "other") if parts[p]}
+        if arch is not None:
+            summary["block_params"] = {b: blocks.get(b, 0) for b in arch.blocks}
+        summary["metadata"] = dict(src.metadata)
+    return summary
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"file:         {s['file']}", f"size:         {s['size_bytes'] / 1e9:.3f} GB ({s['size_bytes']} bytes)"]
+    if s.get("architecture"):
+        lines.append(f"architecture: {s['architecture_label']} ({s['variant']})")
+    else:
+        lines.append(f"architecture: unknown ({s.get('architecture_error')})")
+    lines.append(f"keys:         {s['keys']}  dtypes: " + ", ".join(f"{d} {n}" for d, n in s["dtypes"].items()))
+    lines.append("parts:        " + ", ".join(f"{p} {v['keys']} keys / {_human(v['params'])} params" for p, v in s["parts"].items()))
+    if "block_params" in s:
+        bp = s["block_params"]
+        total = sum(bp.values()) or 1
+        lines.append("blocks (params, UNet + text encoder):")
+        row = []
+        for i, (b, n) in enumerate(bp.items()):
+            row.append(f"{b:>5} {_human(n):>7} {100 * n / total:4.1f}%")
+            if len(row) == 4:
+                lines.append("  " + "   ".join(row))
+                row = []
+        if row:
+            lines.append("  " + "   ".join(row))
+    meta = s.get("metadata") or {}
+    if meta:
+        lines.append("metadata:")
+        for k, v in meta.items():
+            v = v if len(v) <= 100 else v[:97] + "..."
+            lines.append(f"  {k}: {v}")
+    else:
+        lines.append("metadata:     (none)")
+    return "\n".join(lines)
+
+
+def to_json(s: dict) -> str:
+    return json.dumps(s, indent=2)

@@ -1,0 +1,88 @@
+"""File merges end to end: sources -> ratio plan -> mode -> streamed safetensors file."""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from . import hashing
+from .errors import MergeError
+from .filesink import FileSink
+from .metadata import InputFile, build_metadata, output_stem
+from .plan import Plan, build_plan
+from .recipe import Recipe
+from .sources import Source, open_source
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    sha256: str
+    plan: Plan
+    seconds: float
+    metadata: dict[str, str]
+
+    @property
+    def short_hash(self) -> str:
+        return hashing.short_hash(self.sha256)
+
+
+def normalize_recipe(recipe: Recipe) -> Recipe:
+    """Record input paths as absolute paths (what reproduce looks for first)."""
+    return replace(recipe, models=[os.path.abspath(m) for m in recipe.models],
+                   bake_vae=os.path.abspath(recipe.bake_vae) if recipe.bake_vae else None)
+
+
+def check_output_path(output: Path, inputs: list[Path], overwrite: bool) -> Path:
+    out = Path(output)
+    if out.suffix.lower() != ".safetensors":
+        raise MergeError(f"output must end in .safetensors, {out}")
+    if not out.parent.is_dir():
+        raise MergeError(f"output folder does not exist, {out.parent}")
+    real = os.path.realpath(out)
+    for p in inputs:
+        if os.path.realpath(p) == real:
+            raise MergeError(f"output would overwrite an input model, {out}")
+    if out.exists() and not overwrite:
+        raise MergeError(f"output exists (use --overwrite to replace it), {out}")
+    return out
+
+
+def merge_to_file(recipe: Recipe, output: str | Path, *, overwrite: bool = False, threads: int | None = None,
+                  device: str = "cpu", progress: Callable[[str, int, int], None] | None = None,
+                  cancel: Callable[[], bool] | None = None, locate: dict[str, str] | None = None,
+                  output_name: str | None = None) -> MergeResult:
+    """Merge to ``output``. ``locate`` maps recorded input paths to where they are now, and ``output_name``
+    is the name recorded in the metadata (default: the output's stem); reproduce uses both."""
+    t0 = time.perf_counter()
+    recipe.validate()
+    locate = locate or {}
+    paths = [Path(locate.get(m, m)) for m in recipe.models]
+    vae_path = Path(locate.get(recipe.bake_vae, recipe.bake_vae)) if recipe.bake_vae else None
+    out = check_output_path(Path(output), paths + ([vae_path] if vae_path else []), overwrite)
+    with ExitStack() as stack:
+        sources: list[Source] = [stack.enter_context(open_source(p)) for p in paths]
+        bake = stack.enter_context(open_source(vae_path)) if vae_path else None
+        plan = build_plan(recipe, sources, bake)
+        inputs = []
+        roles = "abc"
+        for i, (src, rec) in enumerate(zip(sources, recipe.models)):
+            if progress:
+                progress(f"hashing {src.path.name}", 0, 1)
+            inputs.append(InputFile(roles[i], rec, Path(rec).name.rsplit(".", 1)[0], hashing.sha256_file(src.path),
+                                    hashing.legacy_hash(src.path), src.metadata))
+        if bake is not None:
+            inputs.append(InputFile("vae", recipe.bake_vae, Path(recipe.bake_vae).name.rsplit(".", 1)[0],
+                                    hashing.sha256_file(bake.path), hashing.legacy_hash(bake.path), {}))
+        resolved = {"arch": plan.arch.name, "weights_alpha": plan.alpha_vector, "weights_beta": plan.beta_vector}
+        det = plan.detected[0]
+        meta = build_metadata(recipe, inputs, output_name or output_stem(out), resolved,
+                              det.variant == "inpainting", det.variant == "pix2pix")
+        sink = FileSink(plan, sources, bake, meta, threads=threads, device=device)
+        cb = (lambda done, total: progress("merging", done, total)) if progress else None
+        digest = sink.write(out, overwrite, cb, cancel)
+    hashing.remember(out, digest)
+    return MergeResult(out, digest, plan, time.perf_counter() - t0, meta)

@@ -1,0 +1,110 @@
+"""Merge modes: the formula across models. Adding one is a single decorated function.
+
+A mode function gets fp32 tensors ``a``, ``b``, ``c`` (``None`` when the mode takes fewer models) and the
+key's final ratios ``alpha`` and ``beta``. The inputs are scratch buffers owned by the engine: a function may
+overwrite them and return one of them. Shortcuts (ratio 0 or 1) live here so that file merges and live
+merges give the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import MergeError
+
+ModeFn = Callable[[Tensor, Optional[Tensor], Optional[Tensor], float, float], Tensor]
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    models: int  # how many models it takes (A, B, C)
+    uses_beta: bool
+    elementwise: bool  # may be computed chunk by chunk
+    formula: str
+    fn: ModeFn
+    check_ratio: Callable[[float], Optional[str]] | None = None
+
+
+MODES: dict[str, Mode] = {}
+
+
+def mode(name: str, models: int, formula: str, uses_beta: bool = False, elementwise: bool = True,
+         check_ratio: Callable[[float], Optional[str]] | None = None):
+    """Register a merge mode under ``name``."""
+    def deco(fn: ModeFn) -> ModeFn:
+        MODES[name] = Mode(name, models, uses_beta, elementwise, formula, fn, check_ratio)
+        return fn
+    return deco
+
+
+def get_mode(name: str) -> Mode:
+    m = MODES.get(name)
+    if m is None:
+        raise MergeError(f"unknown mode {name!r}, choose one of {', '.join(MODES)}")
+    return m
+
+
+def _lerp(a: Tensor, b: Tensor, t: float) -> Tensor:
+    if t == 0.0:
+        return a
+    if t == 1.0:
+        return b
+    return a.lerp_(b, t)
+
+
+@mode("no_interpolation", 1, "A")
+def no_interpolation(a, b, c, alpha, beta):
+    return a
+
+
+@mode("weighted_sum", 2, "(1 - alpha) * A + alpha * B")
+def weighted_sum(a, b, c, alpha, beta):
+    return _lerp(a, b, alpha)
+
+
+@mode("add_difference", 3, "A + alpha * (B - C)")
+def add_difference(a, b, c, alpha, beta):
+    if alpha == 0.0:
+        return a
+    return a.add_(b.sub_(c), alpha=alpha)
+
+
+@mode("triple_sum", 3, "(1 - alpha - beta) * A + alpha * B + beta * C", uses_beta=True)
+def triple_sum(a, b, c, alpha, beta):
+    if alpha == 0.0 and beta == 0.0:
+        return a
+    out = a.mul_(1.0 - alpha - beta)
+    out.add_(b, alpha=alpha)
+    return out.add_(c, alpha=beta)
+
+
+@mode("sum_twice", 3, "(1 - beta) * ((1 - alpha) * A + alpha * B) + beta * C", uses_beta=True)
+def sum_twice(a, b, c, alpha, beta):
+    return _lerp(_lerp(a, b, alpha), c, beta)
+
+
+def _unit_check(t: float) -> str | None:
+    return None if 0.0 <= t <= 1.0 else f"ratio {t} is outside [0, 1]"
+
+
+def sigmoid_ratio(t: float) -> float:
+    return t * t * (3.0 - 2.0 * t)
+
+
+def inv_sigmoid_ratio(t: float) -> float:
+    return 0.5 - math.sin(math.asin(1.0 - 2.0 * t) / 3.0)
+
+
+@mode("sigmoid", 2, "A + (B - A) * t', t' = t²(3 - 2t)")
+def sigmoid(a, b, c, alpha, beta):
+    return _lerp(a, b, sigmoid_ratio(alpha))
+
+
+@mode("inv_sigmoid", 2, "A + (B - A) * t', t' = 0.5 - sin(asin(1 - 2t) / 3)", check_ratio=_unit_check)
+def inv_sigmoid(a, b, c, alpha, beta):
+    return _lerp(a, b, inv_sigmoid_ratio(alpha))

@@ -1,0 +1,106 @@
+"""A merge as a value: the recipe that can be printed, stored in metadata, compared and re-run."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .dtypes import OUTPUT_DTYPES
+from .errors import MergeError
+from .modes import MODES, get_mode
+
+RECIPE_VERSION = 1
+VAE_CHOICES = ("merge", "a", "b")
+
+
+@dataclass
+class Recipe:
+    models: list[str] = field(default_factory=list)  # paths of A, B, C (as many as the mode takes)
+    mode: str = "weighted_sum"
+    alpha: float = 0.5
+    beta: float = 0.25
+    weights: str | None = None
+    weights_beta: str | None = None
+    preset: str | None = None
+    preset_beta: str | None = None
+    elemental: str | None = None
+    dtype: str = "keep"
+    vae: str = "merge"
+    bake_vae: str | None = None
+    prune: bool = False
+    include: str | None = None
+    exclude: str | None = None
+    force: bool = False
+    copy_b_only: bool = False
+    swap_ab: bool = False
+
+    def validate(self) -> None:
+        m = get_mode(self.mode)
+        if len(self.models) != m.models:
+            names = "A" if m.models == 1 else "A B" if m.models == 2 else "A B C"
+            raise MergeError(f"mode {self.mode} takes {m.models} model{'s' if m.models > 1 else ''} ({names}), "
+                             f"got {len(self.models)}")
+        if self.dtype not in OUTPUT_DTYPES:
+            raise MergeError(f"unknown dtype {self.dtype!r}, choose fp16, bf16, fp32 or keep")
+        if self.vae not in VAE_CHOICES:
+            raise MergeError(f"unknown VAE choice {self.vae!r}, choose merge, a or b")
+        if self.vae == "b" and m.models < 2:
+            raise MergeError("--vae b needs a model B, --vae")
+        if self.weights and self.preset:
+            raise MergeError("give either weights or a preset, not both, --weights/--preset")
+        if self.weights_beta and self.preset_beta:
+            raise MergeError("give either beta weights or a beta preset, not both, --weights-beta/--preset-beta")
+        if self.swap_ab and self.mode not in ("weighted_sum", "sigmoid", "inv_sigmoid"):
+            raise MergeError(f"--swap-ab works with weighted_sum, sigmoid and inv_sigmoid only, not {self.mode}")
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                raise MergeError(f"{name} must be a finite number, {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["version"] = RECIPE_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise MergeError(f"recipe must be an object, {origin}")
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise MergeError(f"unsupported recipe version {version!r}, {origin}")
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in data if k not in known and k not in ("version", "resolved", "inputs")]
+        if unknown:
+            raise MergeError(f"unknown recipe field {unknown[0]!r}, {origin}")
+        kw = {k: v for k, v in data.items() if k in known}
+        models = kw.get("models", [])
+        kw["models"] = [m["path"] if isinstance(m, dict) else str(m) for m in models]
+        r = cls(**kw)
+        r.alpha = float(r.alpha)
+        r.beta = float(r.beta)
+        return r
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise MergeError(f"cannot read recipe: {e.strerror}, {p}") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise MergeError(f"reading YAML recipes needs PyYAML (pip install pyyaml), {p}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise MergeError(f"recipe is not valid YAML ({str(e).splitlines()[0]}), {p}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MergeError(f"recipe is not valid JSON ({e.msg} at line {e.lineno}), {p}") from None
+    return Recipe.from_dict(data, str(p))
