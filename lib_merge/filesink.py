@@ -27,7 +27,7 @@ from .errors import MergeError, MergeInterrupted
 from .plan import KeyPlan, Plan
 from .sources import Source
 
-CHUNK_ELEMS = 1 << 21  # at most 2 Mi elements per chunk: 8 MiB of fp32 per scratch buffer
+CHUNK_ELEMS = int(os.environ.get("BLOCKMERGE_CHUNK", 1 << 19))  # elements per chunk: small enough to stay in cache
 BUF_BYTES = CHUNK_ELEMS * 4  # each raw/output buffer; 8-byte dtypes get half as many elements per chunk
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -116,3 +117,41 @@ def write_checkpoint(path: str | os.PathLike, listing: Listing, seed: int = 0,
             t = _fill(k, shape, dt, gen)
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return p
+
+
+def build_module(listing: Listing, keys: Iterable[str] | None = None, dtype: torch.dtype | None = torch.float32,
+                 device: str = "cpu", rename: Callable[[str], str] | None = None) -> torch.nn.Module:
+    """A torch module tree whose ``named_parameters()`` are ``keys`` (default: UNet + text encoder floats).
+
+    ``rename`` maps a file key to the module path used (e.g. to insert the WebUI hijack's ``wrapped.`` segments).
+    Values are uninitialised; load them with :func:`load_into`.
+    """
+    root = torch.nn.Module()
+    chosen = list(keys) if keys is not None else [
+        k for k, (_, dt) in listing.items()
+        if k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner."))
+        and ST_TO_TORCH[dt].is_floating_point]
+    for k in chosen:
+        shape, dt = listing[k]
+        path = (rename(k) if rename else k).split(".")
+        mod = root
+        for part in path[:-1]:
+            child = mod._modules.get(part)
+            if child is None:
+                child = torch.nn.Module()
+                mod.add_module(part, child)
+            mod = child
+        t = torch.empty(shape, dtype=dtype or ST_TO_TORCH[dt], device=device)
+        mod.register_parameter(path[-1], torch.nn.Parameter(t, requires_grad=False))
+    return root
+
+
+def load_into(module: torch.nn.Module, path: str | os.PathLike, rename: Callable[[str], str] | None = None) -> None:
+    """Copy a checkpoint's tensors into the module's parameters (cast to their dtype), like a model load."""
+    from .sources import open_source
+    params = dict(module.named_parameters())
+    with open_source(path) as src, torch.no_grad():
+        for k in src.infos:
+            name = rename(k) if rename else k
+            if name in params:
+                params[name].copy_(src.read(k))

@@ -1,0 +1,188 @@
+"""File-merge benchmark: I/O floor vs naive load-merge-save vs BlockMerge, in one run.
+
+Builds two full-size synthetic checkpoints (exact real key layout, random fp16 values) unless they exist, then runs
+each case in its own process and samples its RssAnon (anonymous memory; mmap'd file pages are page cache, not a
+cost) every 10 ms. Prints wall time (whole process), in-process merge time, peak RssAnon, and the ratios.
+
+    python bench/merge_bench.py [--arch sd15|sdxl] [--dir bench/out] [--threads N] [--skip-naive]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CASES = {
+    "idle": """
+import time, torch
+t = time.perf_counter()
+print(json.dumps({"inproc": time.perf_counter() - t}))
+""",
+    "floor": """
+import os, time, torch
+t = time.perf_counter()
+buf = bytearray(16 << 20); mv = memoryview(buf)
+for p in (A, B):
+    with open(p, 'rb', buffering=0) as f:
+        while f.readinto(buf):
+            pass
+size = os.path.getsize(A)
+fd = os.open(OUT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.ftruncate(fd, size)  # pre-sized, like the merge's output
+off = 0
+while off < size:
+    n = min(size - off, len(buf)); off += os.pwrite(fd, mv[:n], off)
+os.close(fd)
+print(json.dumps({"inproc": time.perf_counter() - t}))
+""",
+    "naive": """
+import time, torch
+from safetensors.torch import load_file, save_file
+t = time.perf_counter()
+a = load_file(A); b = load_file(B)
+out = {}
+for k, v in a.items():
+    if v.is_floating_point() and k in b and b[k].shape == v.shape:
+        out[k] = torch.lerp(v.float(), b[k].float(), 0.5).to(v.dtype)
+    else:
+        out[k] = v
+save_file(out, OUT, metadata={"format": "pt"})
+print(json.dumps({"inproc": time.perf_counter() - t}))
+""",
+    "blockmerge": """
+import time, torch
+t = time.perf_counter()
+from lib_merge.merge import merge_to_file
+from lib_merge.recipe import Recipe
+res = merge_to_file(Recipe(models=[A, B], alpha=0.5), OUT, overwrite=True, threads=THREADS)
+print(json.dumps({"inproc": time.perf_counter() - t, "sha256": res.sha256}))
+""",
+}
+
+
+def sample_run(code: str, env_vars: dict) -> dict:
+    prelude = "import json, sys\nsys.path.insert(0, %r)\n" % str(ROOT)
+    prelude += "".join(f"{k} = {v!r}\n" for k, v in env_vars.items())
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    peak = {"anon": 0, "rss": 0}
+
+    def sample():
+        path = f"/proc/{proc.pid}/status"
+        while proc.poll() is None:
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
+                        elif line.startswith("VmHWM:"):
+                            peak["rss"] = max(peak["rss"], int(line.split()[1]) * 1024)
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            time.sleep(0.01)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    th.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"case failed:\n{err}")
+    data = json.loads(out.strip().splitlines()[-1])
+    data.update(wall=wall, peak_anon=peak["anon"], peak_rss=peak["rss"])
+    return data
+
+
+def warm(*paths: Path) -> None:
+    subprocess.run(["sh", "-c", "sync; cat " + " ".join(f"'{p}'" for p in paths) + " > /dev/null"], check=True)
+
+
+def build_inputs(arch: str, d: Path) -> tuple[Path, Path]:
+    from lib_merge import synthetic
+    listing = synthetic.load_listing(arch)
+    paths = []
+    for seed, name in ((1, "A"), (2, "B")):
+        p = d / f"{arch}_{name}.safetensors"
+        if not p.exists():
+            t = time.perf_counter()
+            tmp = p.with_suffix(".tmp")
+            synthetic.write_checkpoint(tmp, listing, seed=seed)
+            os.replace(tmp, p)
+            print(f"built {p} ({p.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True)
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    ap.add_argument("--dir", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-naive", action="store_true", help="skip the naive baseline (needs RAM for both models)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per case (the best is reported)")
+    args = ap.parse_args()
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("BLOCKMERGE_CACHE", str(d / "cache"))
+    a, b = build_inputs(args.arch, d)
+    out = d / f"{args.arch}_out.safetensors"
+    env = {"A": str(a), "B": str(b), "OUT": str(out), "THREADS": args.threads}
+
+    # input hashes are computed once per file and cached (path, size, mtime): time that once, apart
+    from lib_merge import hashing
+    warm(a, b)
+    t = time.perf_counter()
+    for p in (a, b):
+        hashing.sha256_file(p)
+    hash_s = time.perf_counter() - t
+
+    cases = ["idle", "floor"] + ([] if args.skip_naive else ["naive"]) + ["blockmerge"]
+    results = {}
+    for case in cases:
+        best = None
+        for _ in range(args.repeat):
+            if out.exists():
+                out.unlink()
+            warm(a, b)
+            r = sample_run(CASES[case], env)
+            if best is None or r["wall"] < best["wall"]:
+                best = r
+        results[case] = best
+        print(f"  ran {case}: wall {best['wall']:.2f} s", flush=True)
+    sha_ours = results["blockmerge"].get("sha256")
+    if out.exists():
+        out.unlink()
+
+    idle = results["idle"]
+    floor = results["floor"]
+    print()
+    print(f"{args.arch}: two inputs of {a.stat().st_size / 1e9:.2f} GB, weighted_sum alpha 0.5, fp16, "
+          f"{os.cpu_count()} cores; input hashing (once, cached): {hash_s:.2f} s")
+    print(f"{'case':<12} {'wall s':>8} {'in-proc s':>10} {'peak anon MB':>13} {'anon - idle MB':>15} {'maxRSS MB':>10}"
+          f" {'in-proc / floor':>16} {'wall / floor':>13}")
+    for case in cases:
+        r = results[case]
+        print(f"{case:<12} {r['wall']:8.2f} {r['inproc']:10.2f} {r['peak_anon'] / 1e6:13.0f} "
+              f"{(r['peak_anon'] - idle['peak_anon']) / 1e6:15.0f} {r['peak_rss'] / 1e6:10.0f} "
+              f"{r['inproc'] / floor['inproc']:16.2f} {r['wall'] / floor['wall']:13.2f}")
+    if "naive" in results:
+        n, o = results["naive"], results["blockmerge"]
+        print(f"\nnaive / blockmerge: wall {n['wall'] / o['wall']:.2f}x, in-process {n['inproc'] / o['inproc']:.2f}x, "
+              f"peak anon {n['peak_anon'] / max(o['peak_anon'], 1):.1f}x")
+    o = results["blockmerge"]
+    print(f"blockmerge merge time in-process / floor: {o['inproc'] / floor['inproc']:.2f} (goal <= 1.5); "
+          f"peak anon above idle import torch: {(o['peak_anon'] - idle['peak_anon']) / 1e6:.0f} MB "
+          f"(goal <= {'1000 total' if args.arch == 'sdxl' else '300'}); output sha256 {sha_ours[:10] if sha_ours else '-'}")
+
+
+if __name__ == "__main__":
+    main()

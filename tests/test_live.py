@@ -1,0 +1,167 @@
+"""The live sink on a real torch model holding the real SD1.5 key names (tiny shapes)."""
+import pytest
+import torch
+
+from conftest import load
+from lib_merge import synthetic as S
+from lib_merge.arch import ARCHS, block_of
+from lib_merge.errors import MergeError, MergeInterrupted
+from lib_merge.live import LiveSession, fingerprint
+from lib_merge.merge import merge_to_file
+from lib_merge.recipe import Recipe
+
+
+class ModuleTarget:
+    """A LiveTarget over a plain module whose parameter names are file keys."""
+
+    def __init__(self, module):
+        self.module = module
+        self.prepared = []
+        self.written_keys = []
+
+    def params(self):
+        return dict(self.module.named_parameters())
+
+    def prepare(self, keys):
+        self.prepared.append(list(keys))
+
+    def written(self, keys):
+        self.written_keys.append(list(keys))
+
+
+@pytest.fixture
+def live(models, sd15_listing):
+    module = S.build_module(sd15_listing, dtype=torch.float32)
+    S.load_into(module, models["sd15_a"])
+    target = ModuleTarget(module)
+    session = LiveSession(target, models["sd15_a"])
+    return session, target, module
+
+
+def recipe(models, **kw):
+    names = kw.pop("names", ["sd15_a", "sd15_b"])
+    return Recipe(models=[str(models[n]) for n in names], **kw)
+
+
+def test_merge_then_restore_is_bit_exact(live, models):
+    session, target, module = live
+    before = fingerprint(dict(module.named_parameters()))
+    rep = session.apply(recipe(models, preset="GRAD_V"))
+    assert rep.written == len(session.keys)
+    assert fingerprint(dict(module.named_parameters())) != before
+    assert session.is_merged
+    n = session.restore()
+    assert n > 0 and not session.is_merged
+    assert fingerprint(dict(module.named_parameters())) == before
+
+
+def test_live_values_follow_the_formula(live, models):
+    session, target, module = live
+    session.apply(recipe(models, alpha=0.3))
+    A, B = load(models["sd15_a"]), load(models["sd15_b"])
+    for k, p in module.named_parameters():
+        want = torch.lerp(A[k].float(), B[k].float(), 0.3)
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+
+
+def test_incremental_remerge_touches_only_changed_block(live, models):
+    session, target, module = live
+    vec = ["0.5"] * 26
+    session.apply(recipe(models, weights=",".join(vec)))
+    read_after_first = dict(session.bytes_read())
+    vec[SD1_IDX["OUT05"]] = "0.9"
+    rep = session.apply(recipe(models, weights=",".join(vec)))
+    out05 = [k for k in session.keys if block_of(k, ARCHS["sd1"]) == "OUT05"]
+    assert rep.written == len(out05) and rep.unchanged == len(session.keys) - len(out05)
+    assert session.bytes_read() == read_after_first and rep.bytes_read == 0  # no file reads after the first merge
+    # equal to a fresh merge of the same recipe
+    fresh_module = S.build_module(S.tiny(S.load_listing("sd15")), dtype=torch.float32)
+    S.load_into(fresh_module, models["sd15_a"])
+    fresh = LiveSession(ModuleTarget(fresh_module), models["sd15_a"])
+    fresh.apply(recipe(models, weights=",".join(vec)))
+    assert fingerprint(dict(module.named_parameters())) == fingerprint(dict(fresh_module.named_parameters()))
+
+
+SD1_IDX = {b: i for i, b in enumerate(ARCHS["sd1"].blocks)}
+
+
+def test_interrupt_midway_rolls_back_to_previous_merge(live, models):
+    session, target, module = live
+    session.apply(recipe(models, alpha=0.25))
+    merged = fingerprint(dict(module.named_parameters()))
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 40
+
+    with pytest.raises(MergeInterrupted):
+        session.apply(recipe(models, alpha=0.75), cancel=cancel)
+    assert fingerprint(dict(module.named_parameters())) == merged  # previous merge, never mixed
+    assert session.recipe.alpha == 0.25
+
+
+def test_interrupt_of_first_merge_restores_original(live, models):
+    session, target, module = live
+    before = fingerprint(dict(module.named_parameters()))
+    calls = []
+    with pytest.raises(MergeInterrupted):
+        session.apply(recipe(models, alpha=0.75), cancel=lambda: calls.append(1) or len(calls) > 100)
+    assert fingerprint(dict(module.named_parameters())) == before and not session.is_merged
+
+
+def test_exception_midway_rolls_back(live, models, monkeypatch):
+    session, target, module = live
+    before = fingerprint(dict(module.named_parameters()))
+    import lib_merge.live as L
+    real = L.merge_tensors
+    n = []
+
+    def flaky(*a, **k):
+        n.append(1)
+        if len(n) == 50:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(L, "merge_tensors", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        session.apply(recipe(models, alpha=0.6))
+    assert fingerprint(dict(module.named_parameters())) == before
+
+
+def test_save_after_test_merge_equals_preview(live, models, tmp_path):
+    session, target, module = live
+    r = recipe(models, preset="GRAD_A", elemental="OUT03-OUT05:attn2:0.2", vae="a")
+    session.apply(r)
+    for dtype, cast in (("fp32", torch.float32), ("fp16", torch.float16)):
+        out = tmp_path / f"saved_{dtype}.safetensors"
+        merge_to_file(Recipe(**{**r.__dict__, "dtype": dtype}), out)
+        saved = load(out)
+        for k, p in module.named_parameters():
+            assert torch.equal(saved[k], p.detach().to(cast)), k
+
+
+def test_loaded_model_differs_from_file_is_refused(live, models):
+    session, target, module = live
+    with torch.no_grad():
+        next(iter(module.parameters())).add_(1.0)
+    with pytest.raises(MergeError, match="loaded model differs from its file at .*; reload it"):
+        session.apply(recipe(models))
+
+
+def test_model_a_must_be_loaded_checkpoint(live, models):
+    session, target, module = live
+    with pytest.raises(MergeError, match="model A of a test merge must be the loaded checkpoint"):
+        session.apply(recipe(models, names=["sd15_b", "sd15_a"]))
+
+
+def test_three_model_modes_and_switching_modes(live, models):
+    session, target, module = live
+    before = fingerprint(dict(module.named_parameters()))
+    session.apply(recipe(models, names=["sd15_a", "sd15_b", "sd15_c"], mode="add_difference", alpha=0.5))
+    A, B, C = (load(models[n]) for n in ("sd15_a", "sd15_b", "sd15_c"))
+    k = "model.diffusion_model.middle_block.1.proj_in.weight"
+    torch.testing.assert_close(dict(module.named_parameters())[k], A[k].float() + 0.5 * (B[k].float() - C[k].float()))
+    rep = session.apply(recipe(models, mode="no_interpolation", names=["sd15_a"]))
+    assert rep.written == len(session.keys)
+    assert fingerprint(dict(module.named_parameters())) == before
