@@ -24,6 +24,7 @@ class MergeResult:
     plan: Plan
     seconds: float
     metadata: dict[str, str]
+    bytes_read: dict[str, int] | None = None
 
     @property
     def short_hash(self) -> str:
@@ -84,5 +85,6 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, overwrite: bool = False
         sink = FileSink(plan, sources, bake, meta, threads=threads, device=device)
         cb = (lambda done, total: progress("merging", done, total)) if progress else None
         digest = sink.write(out, overwrite, cb, cancel)
+        read = {os.path.realpath(s.path): s.bytes_read for s in sources}
     hashing.remember(out, digest)
-    return MergeResult(out, digest, plan, time.perf_counter() - t0, meta)
+    return MergeResult(out, digest, plan, time.perf_counter() - t0, meta, read)

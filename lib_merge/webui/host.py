@@ -1,0 +1,118 @@
+"""Access to the WebUI: the loaded model, the checkpoint list, settings, locks. Imports ``modules`` lazily."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import MergeError
+
+OPT_CACHE_DEVICE = "blockmerge_cache_device"
+OPT_DEFAULT_DTYPE = "blockmerge_default_dtype"
+
+
+def _m(name: str):
+    import importlib
+    return importlib.import_module(f"modules.{name}")
+
+
+def opts():
+    return _m("shared").opts
+
+
+def opt(key: str, default):
+    return opts().data.get(key, default)
+
+
+def state():
+    return _m("shared").state
+
+
+def interrupted() -> bool:
+    st = state()
+    return bool(getattr(st, "interrupted", False) or getattr(st, "stopping_generation", False))
+
+
+def queue_lock():
+    return _m("call_queue").queue_lock
+
+
+def loaded_model():
+    """The loaded model, or None; never loads one."""
+    return _m("sd_models").model_data.sd_model
+
+
+def is_forge() -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec("modules_forge") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def unsupported_reason(model) -> str | None:
+    """Why a live merge cannot run on this host/model, as a message for the user (None when it can)."""
+    if is_forge():
+        return "the live test merge is not supported on Forge-family WebUIs; file merges (Save / Merge to file) work"
+    if model is None:
+        return "no model is loaded; load a checkpoint first"
+    if getattr(_m("devices"), "fp8", False):
+        return "the loaded model uses FP8 weight storage; turn off 'FP8 weight' in Settings to test merges live"
+    try:
+        if getattr(_m("sd_unet"), "current_unet", None) is not None:
+            return "a custom UNet (e.g. TensorRT) is active; set 'SD Unet' to None to test merges live"
+    except ImportError:
+        pass
+    for flag, what in (("is_sd3", "SD3"), ("is_ssd", "SSD-1B")):
+        if getattr(model, flag, False):
+            return f"{what} models are not supported by the live test merge"
+    if getattr(model, "sd_checkpoint_info", None) is None:
+        return "the loaded model has no checkpoint file"
+    return None
+
+
+def models_dir() -> Path:
+    sdm = _m("sd_models")
+    ckpt_dir = getattr(_m("shared").cmd_opts, "ckpt_dir", None)
+    return Path(ckpt_dir or sdm.model_path)
+
+
+def checkpoint_by_name(name: str, field: str = "model"):
+    """Exact checkpoint alias (title, name, model name, hash…) -> CheckpointInfo. Never a path."""
+    if not isinstance(name, str) or not name.strip():
+        raise MergeError(f"missing checkpoint name, {field}")
+    info = _m("sd_models").checkpoint_aliases.get(name)
+    if info is None:
+        raise MergeError(f"unknown checkpoint {name!r} (use a name from the checkpoint list), {field}")
+    return info
+
+
+def checkpoint_titles() -> list[str]:
+    return sorted(_m("sd_models").checkpoints_list)
+
+
+def refresh_checkpoints() -> None:
+    _m("sd_models").list_models()
+
+
+def clear_cond_caches(model) -> None:
+    """After a text-encoder write: stale conditioning must not be reused (lists cleared in place)."""
+    proc = _m("processing")
+    for cls_name, attrs in (("StableDiffusionProcessing", ("cached_c", "cached_uc")),
+                            ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc"))):
+        cls = getattr(proc, cls_name, None)
+        for a in attrs:
+            lst = getattr(cls, a, None) if cls is not None else None
+            if isinstance(lst, list):
+                lst[:] = [None] * len(lst)
+    sdm = _m("sd_models")
+    if hasattr(sdm, "get_empty_cond") and model is not None and hasattr(model, "cond_stage_model_empty_prompt"):
+        model.cond_stage_model_empty_prompt = sdm.get_empty_cond(model)
+
+
+def seed_hash_cache(path: Path, name: str, sha256: str) -> None:
+    """Tell the WebUI the new file's sha256 so it does not hash it again."""
+    try:
+        cache = _m("cache").cache("hashes")
+        cache[f"checkpoint/{name}"] = {"mtime": os.path.getmtime(path), "sha256": sha256}
+    except Exception:  # the cache is an optimisation only
+        pass

@@ -1,0 +1,280 @@
+"""The live test merge in the WebUI: one state object shared by the tab, the API and the X/Y/Z axes.
+
+Callers hold the WebUI's ``queue_lock`` (tab buttons through ``wrap_gradio_gpu_call``, API routes with
+``with queue_lock``); nothing here takes it, so it can never deadlock on the non-re-entrant FIFOLock.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import weakref
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import hashing
+from ..arch import ARCHS, block_of
+from ..errors import MergeError
+from ..live import LiveSession
+from ..merge import merge_to_file
+from ..recipe import Recipe
+from . import host
+from .names import output_path
+from .params import to_recipe
+from .target import WebUITarget
+
+
+class Service:
+    def __init__(self):
+        self.session: LiveSession | None = None
+        self.model_ref = None
+        self.base_params: dict | None = None  # settings of the last Test merge (kept after Restore)
+        self.live_params: dict | None = None  # settings of the merge that is live now
+        self.progress = {"stage": "idle", "done": 0, "total": 0}
+        self.sentinels: dict[str, torch.Tensor] = {}
+        self.file_bytes_read: dict[str, int] = {}
+        self.last_message = ""
+        self.guard = threading.Lock()
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _progress(self, stage: str, done: int = 0, total: int = 0) -> None:
+        self.progress = {"stage": stage, "done": done, "total": total}
+        st = host.state()
+        try:
+            st.textinfo = f"BlockMerge: {stage}" + (f" {done}/{total}" if total else "")
+        except Exception:
+            pass
+
+    @staticmethod
+    def resolve_model(name: str, field: str) -> str:
+        return host.checkpoint_by_name(name, field).filename
+
+    def _model(self):
+        model = host.loaded_model()
+        reason = host.unsupported_reason(model)
+        if reason:
+            raise MergeError(reason)
+        return model
+
+    def _session_for(self, model) -> LiveSession:
+        a_path = os.path.realpath(model.sd_checkpoint_info.filename)
+        s = self.session
+        if s is not None and self.model_ref is not None and self.model_ref() is model and s.a.id.path == a_path \
+                and s.a.valid():
+            return s
+        self.drop("new model")
+        device = host.opt(host.OPT_CACHE_DEVICE, "cpu")
+        if device == "gpu":
+            device = self._gpu_cache_device(model)
+        self.session = LiveSession(WebUITarget(model), a_path, cache_device=device)
+        self.model_ref = weakref.ref(model)
+        return self.session
+
+    @staticmethod
+    def _gpu_cache_device(model) -> str:
+        if getattr(model, "lowvram", False) or not torch.cuda.is_available():
+            return "cpu"
+        try:
+            free, _ = torch.cuda.mem_get_info()
+        except Exception:
+            return "cpu"
+        size = os.path.getsize(model.sd_checkpoint_info.filename)
+        return "cuda" if free > 3 * size else "cpu"
+
+    def drop(self, why: str) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+        self.model_ref = None
+        self.live_params = None
+        self.sentinels = {}
+        if why:
+            self.last_message = why
+
+    def _record_sentinels(self) -> None:
+        """One small tensor per written block, to notice a checkpoint load over the merge."""
+        s = self.session
+        arch = ARCHS.get(s.plan.arch.name) if s.plan else ARCHS["sd1"]
+        params = s.target.params()
+        best: dict[str, str] = {}
+        for k, sig in s.signatures.items():
+            if sig == ("original",):
+                continue
+            b = block_of(k, arch)
+            if b not in best or params[k].numel() < params[best[b]].numel():
+                best[b] = k
+        self.sentinels = {k: params[k].detach().to("cpu", copy=True) for k in best.values()}
+
+    # -- operations -----------------------------------------------------------------------------------------
+    def test_merge(self, params: dict[str, Any]) -> dict:
+        t0 = time.perf_counter()
+        model = self._model()
+        a_name = params.get("model_a")
+        if a_name:
+            info = host.checkpoint_by_name(a_name, "model_a")
+            if os.path.realpath(info.filename) != os.path.realpath(model.sd_checkpoint_info.filename):
+                raise MergeError(f"model_a is not the loaded checkpoint; load it first, model_a: {a_name!r}")
+        recipe = to_recipe({k: v for k, v in params.items() if k not in ("output", "overwrite")},
+                           self.resolve_model, model.sd_checkpoint_info.filename)
+        session = self._session_for(model)
+        self._progress("test merge", 0, 1)
+        try:
+            report = session.apply(recipe, cancel=host.interrupted,
+                                   progress=lambda d, t: self._progress("test merge", d, t))
+        finally:
+            self._progress("idle")
+        self.base_params = dict(params)
+        self.live_params = dict(params) if session.is_merged else None
+        self._record_sentinels()
+        msg = (f"test merge live: {report.written} tensors written, {report.unchanged} unchanged, "
+               f"{report.seconds:.2f} s; the preview uses the WebUI's current VAE")
+        self.last_message = msg
+        return {"live": session.is_merged, "written": report.written, "unchanged": report.unchanged,
+                "seconds": round(time.perf_counter() - t0, 3), "notes": report.notes, "message": msg,
+                "recipe": self.recipe_json()}
+
+    def restore(self) -> dict:
+        t0 = time.perf_counter()
+        s = self.session
+        model = host.loaded_model()
+        if s is None or self.model_ref is None or self.model_ref() is not model:
+            return {"restored": 0, "seconds": 0.0, "message": "nothing to restore: no test merge is live"}
+        n = s.restore()
+        self.live_params = None
+        self.sentinels = {}
+        msg = f"original weights restored ({n} tensors)"
+        self.last_message = msg
+        return {"restored": n, "seconds": round(time.perf_counter() - t0, 3), "message": msg}
+
+    def save(self, output: str, overwrite: bool = False, dtype: str | None = None, vae: str | None = None,
+             params: dict | None = None) -> dict:
+        """Write the live merge (or ``params``) to a file in the models folder and register it."""
+        t0 = time.perf_counter()
+        source = params if params is not None else self.live_params
+        if source is None:
+            raise MergeError("no test merge is live: run Test merge first (or use Merge to file)")
+        p = {k: v for k, v in source.items() if k not in ("output", "overwrite")}
+        if dtype:
+            p["dtype"] = dtype
+        if vae:
+            p["vae"] = vae
+        p.setdefault("dtype", host.opt(host.OPT_DEFAULT_DTYPE, "fp16"))
+        model = host.loaded_model()
+        loaded_path = model.sd_checkpoint_info.filename if model is not None and getattr(model, "sd_checkpoint_info", None) else None
+        recipe = to_recipe(p, self.resolve_model, loaded_path)
+        out = output_path(output, host.models_dir())
+        protected = [os.path.realpath(m) for m in recipe.models] + ([os.path.realpath(loaded_path)] if loaded_path else [])
+        if os.path.realpath(out) in protected:
+            raise MergeError(f"will not overwrite the loaded checkpoint or an input of the merge, output: {out.name}")
+        device = "cpu"
+        if params is None and self.session is not None:
+            dev = next(iter(self.session.target.params().values())).device
+            device = dev.type if dev.type != "cpu" else "cpu"
+        self._progress("saving", 0, 1)
+        try:
+            res = merge_to_file(recipe, out, overwrite=bool(overwrite), device=device, cancel=host.interrupted,
+                                progress=lambda stage, d, t: self._progress(stage, d, t))
+        finally:
+            self._progress("idle")
+        for path, n in (res.bytes_read or {}).items():
+            self.file_bytes_read[path] = self.file_bytes_read.get(path, 0) + n
+        self._copy_config(Path(recipe.models[0]), out, model)
+        self._register(out, res.sha256, model)
+        return {"name": out.name, "path": str(out), "sha256": res.sha256, "short_hash": res.short_hash,
+                "seconds": round(time.perf_counter() - t0, 3), "recipe": json.loads(res.metadata["blockmerge_recipe"])}
+
+    @staticmethod
+    def _copy_config(a_path: Path, out: Path, model) -> None:
+        yaml = a_path.with_suffix(".yaml")
+        target = out.with_suffix(".yaml")
+        if yaml.exists():
+            shutil.copyfile(yaml, target)
+        elif model is not None and getattr(model, "is_sd2", False) and getattr(model, "used_config", None):
+            if os.path.exists(model.used_config):
+                shutil.copyfile(model.used_config, target)
+
+    @staticmethod
+    def _register(out: Path, sha256: str, model) -> None:
+        host.refresh_checkpoints()
+        sdm = host._m("sd_models")
+        info = next((i for i in sdm.checkpoints_list.values() if os.path.realpath(i.filename) == os.path.realpath(out)), None)
+        if info is not None:
+            host.seed_hash_cache(out, info.name, sha256)
+            try:
+                info.calculate_shorthash()
+            except Exception:
+                pass
+        if model is not None and getattr(model, "sd_checkpoint_info", None) is not None:
+            loaded = os.path.realpath(model.sd_checkpoint_info.filename)
+            cur = next((i for i in sdm.checkpoints_list.values() if os.path.realpath(i.filename) == loaded), None)
+            if cur is not None:
+                host.opts().data["sd_model_checkpoint"] = cur.title
+
+    def merge_file(self, params: dict) -> dict:
+        """``POST merge``: a file merge of any models (A defaults to nothing: it is required)."""
+        p = dict(params)
+        output = p.pop("output", None)
+        overwrite = p.pop("overwrite", False)
+        if not p.get("model_a"):
+            raise MergeError("model_a is required for a file merge, model_a")
+        p.setdefault("vae", "merge")
+        return self.save(output, overwrite, params=p)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def recipe_json(self) -> dict | None:
+        s = self.session
+        if s is None or s.recipe is None or not s.is_merged:
+            return None
+        d = asdict(s.recipe)
+        d["version"] = 1
+        return d
+
+    def status(self) -> dict:
+        model = host.loaded_model()
+        s = self.session
+        live = bool(s is not None and self.model_ref is not None and self.model_ref() is model and s.is_merged)
+        reads = dict(self.file_bytes_read)
+        if s is not None:
+            for path, n in s.bytes_read().items():
+                reads[path] = reads.get(path, 0) + n
+        info = getattr(model, "sd_checkpoint_info", None) if model is not None else None
+        return {
+            "loaded": getattr(info, "title", None),
+            "live": live,
+            "merged_tensors": sum(1 for v in s.signatures.values() if v != ("original",)) if s else 0,
+            "params": self.live_params if live else None,
+            "progress": dict(self.progress),
+            "bytes_read": reads,
+            "cache_device": s.cache_device if s else None,
+            "message": self.last_message,
+            "unsupported": host.unsupported_reason(model) if model is not None else None,
+        }
+
+    def on_model_loaded(self, model) -> None:
+        """A checkpoint (or VAE) was loaded: keep the live state only if our weights are still there."""
+        s = self.session
+        if s is None:
+            return
+        if self.model_ref is None or self.model_ref() is not model:
+            self.drop("merge discarded by checkpoint load" if self.live_params else "")
+            return
+        info = getattr(model, "sd_checkpoint_info", None)
+        if info is None or os.path.realpath(info.filename) != s.a.id.path:
+            self.drop("merge discarded by checkpoint load" if self.live_params else "")
+            return
+        try:
+            params = s.target.params()
+            for k, want in self.sentinels.items():
+                if not torch.equal(params[k].detach().to("cpu"), want):
+                    self.drop("merge discarded by checkpoint load")
+                    return
+        except Exception:
+            self.drop("merge discarded by checkpoint load")
+
+
+SERVICE = Service()

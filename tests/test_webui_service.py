@@ -1,0 +1,202 @@
+"""The WebUI adapter against a stand-in of the WebUI modules (tests/webui_stub) with a real torch model that
+holds the real SD1.5 key names (tiny shapes), the text encoder renamed by the hijack as in the real WebUI."""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+STUB = Path(__file__).resolve().parent / "webui_stub"
+
+
+@pytest.fixture
+def webui(tmp_path, models, monkeypatch):
+    monkeypatch.syspath_prepend(str(STUB))
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from modules import sd_models, shared, script_callbacks, processing, devices
+    ckdir = tmp_path / "models" / "Stable-diffusion"
+    ckdir.mkdir(parents=True)
+    for src, dst in (("sd15_a", "synthA"), ("sd15_b", "synthB"), ("sd15_c", "synthC")):
+        shutil.copy(models[src], ckdir / f"{dst}.safetensors")
+    monkeypatch.setattr(sd_models, "model_path", str(ckdir))
+    sd_models.list_models()
+    from lib_merge.webui import service as service_mod
+    svc = service_mod.Service()
+    monkeypatch.setattr(service_mod, "SERVICE", svc)
+    script_callbacks.on_model_loaded(lambda m: service_mod.SERVICE.on_model_loaded(m))
+    model = sd_models.load_model(sd_models.checkpoint_aliases["synthA"])
+    yield {"svc": svc, "sd_models": sd_models, "shared": shared, "model": model, "dir": ckdir,
+           "processing": processing, "devices": devices}
+    script_callbacks.clear_callbacks()
+    processing.StableDiffusionProcessing.cached_c[:] = [None, None]
+
+
+def live_fp(svc_or_model):
+    from lib_merge.live import fingerprint
+    from lib_merge.webui.target import WebUITarget
+    return fingerprint(WebUITarget(svc_or_model).params())
+
+
+def test_target_maps_hijacked_names_to_file_keys(webui):
+    from lib_merge.webui.target import WebUITarget
+    from lib_merge.sources import open_source
+    t = WebUITarget(webui["model"])
+    keys = set(t.params())
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
+    assert not any("wrapped" in k for k in keys)
+    assert not any(k.startswith("first_stage_model.") for k in keys)  # the VAE is never written live
+    with open_source(webui["dir"] / "synthA.safetensors") as src:
+        want = {k for k, i in src.infos.items() if k.startswith(("model.diffusion_model.", "cond_stage_model."))
+                and i.dtype.startswith("F")}
+    assert keys == want
+
+
+def test_test_merge_then_restore_bit_exact(webui):
+    svc, model = webui["svc"], webui["model"]
+    before = live_fp(model)
+    res = svc.test_merge({"model_b": "synthB", "preset": "GRAD_V"})
+    assert res["live"] and res["written"] == 882  # UNet + text-encoder parameters of SD1.5
+    assert live_fp(model) != before
+    out = svc.restore()
+    assert out["restored"] == res["written"]
+    assert live_fp(model) == before
+    assert svc.status()["live"] is False
+
+
+def test_remerge_one_block_writes_only_that_block(webui):
+    from lib_merge.arch import ARCHS, block_of
+    svc, model = webui["svc"], webui["model"]
+    vec = ["0.5"] * 26
+    svc.test_merge({"model_b": "synthB", "weights": ",".join(vec)})
+    reads = svc.status()["bytes_read"]
+    vec[19] = "1"  # OUT05
+    res = svc.test_merge({"model_b": "synthB", "weights": ",".join(vec)})
+    n_out05 = sum(1 for k in svc.session.keys if block_of(k, ARCHS["sd1"]) == "OUT05")
+    assert res["written"] == n_out05
+    assert svc.status()["bytes_read"] == reads  # no file reads after the first merge
+
+
+def test_interrupt_midway_leaves_previous_state(webui, monkeypatch):
+    svc, model, shared = webui["svc"], webui["model"], webui["shared"]
+    before = live_fp(model)
+    from lib_merge.errors import MergeInterrupted
+    from lib_merge.webui import host
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        return len(calls) > 300
+
+    monkeypatch.setattr(host, "interrupted", interrupted)
+    with pytest.raises(MergeInterrupted):
+        svc.test_merge({"model_b": "synthB", "alpha": 0.7})
+    assert live_fp(model) == before and not svc.status()["live"]
+
+
+def test_save_after_test_merge_writes_what_was_previewed(webui):
+    from lib_merge.webui.target import WebUITarget
+    from safetensors.torch import load_file
+    svc, model, sdm, shared = webui["svc"], webui["model"], webui["sd_models"], webui["shared"]
+    svc.test_merge({"model_b": "synthB", "preset": "GRAD_A", "elemental": "OUT03:attn2:0.1"})
+    live = {k: v.detach().clone() for k, v in WebUITarget(model).params().items()}
+    title_before = shared.opts.data["sd_model_checkpoint"]
+    for dtype, cast in (("fp32", torch.float32), ("fp16", torch.float16)):
+        res = svc.save(f"merged_{dtype}", dtype=dtype)
+        saved = load_file(res["path"])
+        assert all(torch.equal(saved[k], v.to(cast)) for k, v in live.items())
+        assert f"merged_{dtype}.safetensors" in sdm.checkpoint_aliases  # registered
+    assert shared.opts.data["sd_model_checkpoint"] == sdm.checkpoint_aliases["synthA"].title  # still names A
+    assert title_before.startswith("synthA")
+    # VAE defaults to A's in saves from the tab (the preview shows the loaded VAE)
+    a = load_file(str(webui["dir"] / "synthA.safetensors"))
+    saved = load_file(str(webui["dir"] / "merged_fp32.safetensors"))
+    vk = "first_stage_model.decoder.conv_in.weight"
+    assert torch.equal(saved[vk], a[vk].float())
+
+
+def test_save_name_validation_and_protection(webui):
+    from lib_merge.errors import MergeError
+    svc = webui["svc"]
+    svc.test_merge({"model_b": "synthB"})
+    for bad, msg in (("../evil", "bare file name"), ("a/b", "bare file name"), ("/abs", "bare file name"),
+                     ("..", "'..'"), ("", "output name is required"), ("x..y", "'..'")):
+        with pytest.raises(MergeError, match=msg):
+            svc.save(bad)
+    with pytest.raises(MergeError, match="will not overwrite the loaded checkpoint"):
+        svc.save("synthA", overwrite=True)
+    with pytest.raises(MergeError, match="will not overwrite .* an input"):
+        svc.save("synthB.safetensors", overwrite=True)
+    assert sorted(p.name for p in webui["dir"].iterdir()) == ["synthA.safetensors", "synthB.safetensors",
+                                                             "synthC.safetensors"]
+
+
+def test_lora_backups_are_folded_and_cleared(webui):
+    from lib_merge.sources import open_source
+    from lib_merge.webui.target import WebUITarget
+    svc, model = webui["svc"], webui["model"]
+    before = live_fp(model)
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    module = model.get_submodule("model.diffusion_model.input_blocks.1.1.proj_in")
+    with torch.no_grad():
+        module.network_weights_backup = module.weight.detach().clone()
+        module.network_current_names = (("lora", 1.0),)
+        module.network_bias_backup = None
+        module.weight.add_(0.5)  # the built-in LoRA baked its delta into the weight
+    res = svc.test_merge({"model_b": "synthB", "alpha": 0.0})
+    assert module.network_weights_backup is None and module.network_current_names == ()
+    svc.restore()
+    assert live_fp(model) == before  # A without the baked LoRA: LoRA re-applies on the next generation
+
+
+def test_text_encoder_write_clears_cond_caches_in_place(webui):
+    svc, model, proc = webui["svc"], webui["model"], webui["processing"]
+    cached = proc.StableDiffusionProcessing.cached_c
+    cached[:] = ["key", "stale cond"]
+    held_by_running_job = cached
+    empty_before = model.cond_stage_model_empty_prompt
+    svc.test_merge({"model_b": "synthB", "alpha": 0.5})
+    assert held_by_running_job == [None, None] and proc.StableDiffusionProcessing.cached_c is held_by_running_job
+    assert model.cond_stage_model_empty_prompt != empty_before
+
+
+def test_checkpoint_load_discards_live_state(webui):
+    svc, sdm = webui["svc"], webui["sd_models"]
+    svc.test_merge({"model_b": "synthB", "alpha": 0.5})
+    sdm.reload_model_weights(info=sdm.checkpoint_aliases["synthC"])
+    st = svc.status()
+    assert st["live"] is False and st["message"] == "merge discarded by checkpoint load"
+
+
+def test_model_a_other_than_loaded_is_refused(webui):
+    from lib_merge.errors import MergeError
+    with pytest.raises(MergeError, match="model_a is not the loaded checkpoint; load it first"):
+        webui["svc"].test_merge({"model_a": "synthB", "model_b": "synthC"})
+
+
+def test_unknown_model_and_paths_refused(webui):
+    from lib_merge.errors import MergeError
+    with pytest.raises(MergeError, match="unknown checkpoint '/etc/passwd'"):
+        webui["svc"].test_merge({"model_b": "/etc/passwd"})
+    with pytest.raises(MergeError, match="unknown field, evil"):
+        webui["svc"].test_merge({"model_b": "synthB", "evil": 1})
+
+
+def test_fp8_host_gives_clear_message(webui, monkeypatch):
+    from lib_merge.errors import MergeError
+    monkeypatch.setattr(webui["devices"], "fp8", True)
+    with pytest.raises(MergeError, match="FP8 weight storage"):
+        webui["svc"].test_merge({"model_b": "synthB"})
+
+
+def test_recipe_and_status(webui):
+    svc = webui["svc"]
+    assert svc.recipe_json() is None
+    svc.test_merge({"model_b": "synthB", "preset": "GRAD_V", "subtargets": ["attn2"]})
+    r = svc.recipe_json()
+    assert r["preset"] == "GRAD_V" and r["elemental"].startswith(":NOT attn2:")
+    st = svc.status()
+    assert st["live"] and st["loaded"].startswith("synthA") and st["merged_tensors"] > 0
+    assert any(p.endswith("synthB.safetensors") and n > 0 for p, n in st["bytes_read"].items())
