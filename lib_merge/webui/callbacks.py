@@ -1,0 +1,49 @@
+"""Callbacks the entry script registers: the tab, settings, model loads, infotext."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import presets
+from . import host
+from .service import SERVICE
+
+EXTENSION_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def use_extension_presets() -> None:
+    """Inside the WebUI, user presets live in the extension's ``presets/user.tsv``."""
+    presets.set_user_presets_path(EXTENSION_ROOT / "presets" / "user.tsv")
+
+
+def on_ui_tabs():
+    from .ui import create_tab
+    return [(create_tab(), "BlockMerge", "blockmerge")]
+
+
+def on_ui_settings():
+    import gradio as gr
+    from modules import shared
+    section = ("blockmerge", "BlockMerge")
+    shared.opts.add_option(host.OPT_CACHE_DEVICE, shared.OptionInfo(
+        "cpu", "Test merge: where to cache source weights (A, B, C in their file dtype)", gr.Radio,
+        {"choices": ["cpu", "gpu", "mmap"]}, section=section).info(
+        "cpu: RAM (no file reads after the first merge); gpu: VRAM when there is room; "
+        "mmap: read through the page cache (least memory)"))
+    shared.opts.add_option(host.OPT_DEFAULT_DTYPE, shared.OptionInfo(
+        "fp16", "Default dtype of saved merges", gr.Radio, {"choices": ["fp16", "bf16", "fp32", "keep"]},
+        section=section))
+
+
+def on_model_loaded(sd_model):
+    SERVICE.on_model_loaded(sd_model)
+
+
+def infotext_fields() -> dict[str, str]:
+    """Added to generation infotexts while merged weights are live ("Model" keeps naming A)."""
+    recipe = SERVICE.recipe_json()
+    if recipe is None or not SERVICE.status()["live"]:
+        return {}
+    text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    import hashlib
+    return {"BlockMerge": text, "BlockMerge hash": hashlib.sha256(text.encode()).hexdigest()[:10]}
