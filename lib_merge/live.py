@@ -4,24 +4,33 @@ roll back on interrupt, restore the original weights exactly.
 Host-independent: the host adapter (``lib_merge.webui``) supplies a :class:`LiveTarget`, i.e. the mapping from
 file keys to live parameters plus hooks around reads and writes. Source tensors are cached in their file dtype
 (A's cache is both a merge input and the restore source, so restore is exact by construction), read once.
+
+The work is memory-bandwidth bound, so it streams: each tensor is processed in cache-sized chunks: the chunk of
+A and B is read from the file into its place in the cache, A's chunk is checked against the live weights (at the
+first write of a key), merged in fp32 scratch buffers that are reused, and written into the live parameter.
 """
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 import torch
 
 from .compute import merge_tensors
+from .dtypes import ITEMSIZE, ST_TO_TORCH
 from .errors import MergeError, MergeInterrupted
 from .plan import KeyPlan, Plan, build_plan
 from .recipe import Recipe
 from .sources import Source, open_source
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if os.uname().sysname == "Linux" else None)
+CHUNK = 1 << 18  # elements per chunk (1 MiB of fp32): stays in cache between read, check, merge and write
 
 
 class LiveTarget(Protocol):
@@ -51,7 +60,11 @@ class SourceId:
 
 
 class TensorCache:
-    """A file's tensors for some keys, in the file's dtype, read once; ``device`` cpu/cuda, or ``mmap`` views."""
+    """A file's tensors in the file's dtype, read once (``cpu``), kept on a GPU (``cuda…``), or mapped (``mmap``).
+
+    On ``cpu`` the tensors of one request live in one anonymous mapping (transparent huge pages where allowed)
+    and are filled chunk by chunk as the merge reaches them (:meth:`chunk`).
+    """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         self.id = SourceId.of(path)
@@ -60,36 +73,91 @@ class TensorCache:
         self.bytes_read = 0
         self._src: Source | None = None
         self._mm = None
+        self._slots: dict[str, torch.Tensor] = {}  # key -> typed 1-D home being filled
+        self._filled: dict[str, int] = {}  # key -> elements read so far
+        self._arenas: list = []
 
     def source(self) -> Source:
         if self._src is None:
             self._src = open_source(self.id.path)
         return self._src
 
+    def reserve(self, keys: Iterable[str]) -> None:
+        """One anonymous mapping for the tensors about to be cached (fewer page faults than one per tensor)."""
+        src = self.source()
+        if self.device != "cpu" or not hasattr(src, "data_start"):
+            return
+        need = [(k, src.infos[k]) for k in keys if k not in self.tensors and k not in self._slots and k in src.infos]
+        total = sum((i.nbytes + 63) // 64 * 64 for _, i in need)
+        if total == 0:
+            return
+        mm = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for advice in (getattr(mmap, "MADV_HUGEPAGE", None), MADV_POPULATE_WRITE):
+            if advice is not None:  # huge pages, then fault them all in at once: ~4x faster than page by page
+                try:
+                    mm.madvise(advice)
+                except (OSError, ValueError):
+                    pass
+        arena = torch.frombuffer(mm, dtype=torch.uint8)
+        off = 0
+        for k, info in need:
+            self._slots[k] = arena[off:off + info.nbytes].view(ST_TO_TORCH[info.dtype])
+            self._filled[k] = 0
+            off += (info.nbytes + 63) // 64 * 64
+        self._arenas.append(mm)
+
+    def _fill(self, key: str, upto: int) -> None:
+        src = self.source()
+        info = src.infos[key]
+        done = self._filled[key]
+        if upto > done:
+            slot = self._slots[key]
+            raw = slot[done:upto].view(torch.uint8)
+            src.read_bytes_into(key, raw, done, upto - done)
+            self.bytes_read += (upto - done) * ITEMSIZE[info.dtype]
+            self._filled[key] = upto
+        if self._filled[key] == info.numel:
+            self.tensors[key] = self._slots.pop(key).view(info.shape)
+            del self._filled[key]
+
+    def chunk(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of ``key`` (flattened), reading them now if they are not cached yet."""
+        t = self.tensors.get(key)
+        if t is not None:
+            return t.reshape(-1)[start:end]
+        if key in self._slots:
+            slot = self._slots[key]
+            self._fill(key, end)
+            return slot[start:end]
+        return self.get(key).reshape(-1)[start:end]
+
     def get(self, key: str) -> torch.Tensor:
         t = self.tensors.get(key)
-        if t is None:
-            src = self.source()
-            if self.device == "mmap" and hasattr(src, "data_start"):
-                t = self._mmap_view(src, key)
-            else:
-                t = src.read(key)
-                self.bytes_read += t.numel() * t.element_size()
-                if self.device not in ("cpu", "mmap"):
-                    t = t.to(self.device)
-            self.tensors[key] = t
+        if t is not None:
+            return t
+        src = self.source()
+        info = src.infos.get(key)
+        if info is None:
+            raise MergeError(f"key not found, {src.path} key {key}")
+        if key in self._slots:
+            self._fill(key, info.numel)
+            return self.tensors[key]
+        if self.device == "mmap" and hasattr(src, "data_start"):
+            t = self._mmap_view(info)
+        else:
+            t = src.read(key)
+            self.bytes_read += info.nbytes
+            if self.device not in ("cpu", "mmap"):
+                t = t.to(self.device)
+        self.tensors[key] = t
         return t
 
-    def _mmap_view(self, src, key: str) -> torch.Tensor:
-        import mmap
-        import warnings
-        from .dtypes import ST_TO_TORCH
+    def _mmap_view(self, info) -> torch.Tensor:
         if self._mm is None:
             with open(self.id.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        info = src.infos[key]
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only buffer: we never write through these views
+            warnings.simplefilter("ignore")  # read-only buffer: never written through these views
             t = torch.frombuffer(self._mm, dtype=ST_TO_TORCH[info.dtype], count=info.numel, offset=info.start)
         return t.reshape(info.shape)
 
@@ -104,10 +172,14 @@ class TensorCache:
             self._src.close()
             self._src = None
         self.tensors.clear()
+        self._slots.clear()
+        self._filled.clear()
+        self._arenas.clear()  # the mappings are freed once no tensor views them
         self._mm = None
 
 
-Signature = tuple  # (mode, source ids, alpha, beta, channels)
+Signature = tuple  # (mode, source ids, alpha, beta, channels) or ORIGINAL
+ORIGINAL: Signature = ("original",)
 
 
 @dataclass
@@ -119,39 +191,36 @@ class ApplyReport:
     notes: list[str] = field(default_factory=list)
 
 
-ORIGINAL: Signature = ("original",)
-
-
 class LiveSession:
     """Live merge state for one loaded model whose weights came from file A."""
 
-    def __init__(self, target: LiveTarget, a_path: str | os.PathLike, cache_device: str = "cpu",
-                 compute_device: str | torch.device | None = None):
+    def __init__(self, target: LiveTarget, a_path: str | os.PathLike, cache_device: str = "cpu"):
         self.target = target
-        self.a = TensorCache(a_path, cache_device)
         self.cache_device = cache_device
+        self.a = TensorCache(a_path, cache_device)
         self.others: dict[str, TensorCache] = {}
-        self.signatures: dict[str, Signature] = {}  # key -> what the live param holds now
+        self.signatures: dict[str, Signature] = {}  # key -> what the live param holds now (absent = ORIGINAL)
+        self.verified: set[str] = set()
         self.recipe: Recipe | None = None
         self.plan: Plan | None = None
-        self.verified = False
-        self.compute_device = compute_device
         self.lock = threading.RLock()
-        keys = list(target.params())
+        self._scratch_bufs: dict[str, list[torch.Tensor]] = {}
+        self._prev: tuple[Plan, list[TensorCache]] | None = None
+        params = target.params()
         a_src = self.a.source()
-        missing = [k for k in keys if k not in a_src.infos]
-        if missing:
-            raise MergeError(f"loaded model has parameter {missing[0]} that model A's file lacks, {a_src.path}")
-        for k in keys:
-            if tuple(a_src.infos[k].shape) != tuple(target.params()[k].shape):
-                raise MergeError(f"loaded model's {k} has shape {list(target.params()[k].shape)}, "
-                                 f"file has {list(a_src.infos[k].shape)}; reload it, {a_src.path}")
-        self.keys = keys
+        for k, p in params.items():
+            info = a_src.infos.get(k)
+            if info is None:
+                raise MergeError(f"loaded model has parameter {k} that model A's file lacks, {a_src.path}")
+            if tuple(info.shape) != tuple(p.shape):
+                raise MergeError(f"loaded model's {k} has shape {list(p.shape)}, file has {list(info.shape)}; "
+                                 f"reload it, {a_src.path}")
+        self.keys = list(params)
 
     # -- caches ---------------------------------------------------------------------------------------
     def cache_for(self, path: str) -> TensorCache:
         sid = SourceId.of(path)
-        if sid == self.a.id:
+        if sid.path == self.a.id.path:
             return self.a
         c = self.others.get(sid.path)
         if c is None or c.id != sid:
@@ -166,45 +235,85 @@ class LiveSession:
         out.update({p: c.bytes_read for p, c in self.others.items()})
         return out
 
-    def verify_original(self) -> None:
-        """At the first merge: every live param must equal A's file tensor cast to its dtype."""
-        if self.verified:
-            return
-        params = self.target.params()
-        self.target.prepare(self.keys)
-        for k in self.keys:
-            p = params[k]
-            a = self.a.get(k)
-            if not torch.equal(a.to(device=p.device, dtype=p.dtype), p.detach()):
-                raise MergeError(f"loaded model differs from its file at {k}; reload it")
-        self.verified = True
+    def _scratch(self, device: torch.device) -> list[torch.Tensor]:
+        bufs = self._scratch_bufs.get(str(device))
+        if bufs is None:
+            bufs = [torch.empty(CHUNK, dtype=torch.float32, device=device) for _ in range(3)]
+            self._scratch_bufs[str(device)] = bufs
+        return bufs
 
-    # -- merge ----------------------------------------------------------------------------------------
-    def _signature(self, plan: Plan, kp: KeyPlan, ids: tuple) -> Signature:
-        if kp.action in ("copy_a",) or (kp.action == "merge" and plan.mode.models == 1):
-            return ORIGINAL
-        if kp.action != "merge":
-            return ORIGINAL
-        used = ids[: plan.mode.models]
-        beta = kp.beta if plan.mode.uses_beta else None
-        return (plan.mode.name, used, kp.alpha, beta, kp.channels)
+    # -- one key --------------------------------------------------------------------------------------
+    def _check(self, key: str, a: torch.Tensor, live: torch.Tensor, scratch: torch.Tensor) -> None:
+        """The live chunk must equal A's file chunk cast to the live dtype (before the key's first write)."""
+        if live.dtype == torch.float32 and live.device == scratch.device:
+            view = scratch[: a.numel()]
+            view.copy_(a)
+        else:
+            view = a.to(device=live.device, dtype=live.dtype)
+        if not torch.equal(view, live):
+            raise _Mismatch(key)
 
-    def _value(self, plan_mode, kp: KeyPlan, caches: list[TensorCache], device) -> torch.Tensor:
-        tensors = [c.get(kp.key) for c in caches]
-        return merge_tensors(plan_mode, kp, tensors, device=device)
+    def _write(self, param: torch.Tensor, kp: KeyPlan | None, key: str, sig: Signature, mode,
+               caches: list[TensorCache]) -> None:
+        """Put into ``param`` the value ``sig`` stands for (computed in fp32, cast once by ``copy_``).
 
-    def _write(self, key: str, sig: Signature, value: Callable[[], torch.Tensor]) -> None:
-        p = self.target.params()[key]
+        A key written for the first time is checked chunk by chunk before each chunk is overwritten; on a
+        mismatch the chunks already written are put back from A's cache (exact: they were checked equal).
+        """
+        check = key not in self.verified
         with torch.no_grad():
-            if sig == ORIGINAL:
-                p.copy_(self.a.get(key))
+            flat = param.view(-1)
+            n = flat.numel()
+            scratch = self._scratch(param.device)
+            whole = sig != ORIGINAL and (kp.channels is not None or not mode.elementwise)
+            if whole or (sig == ORIGINAL and not check):
+                if check:
+                    for s0 in range(0, n, CHUNK):
+                        e0 = min(n, s0 + CHUNK)
+                        self._check(key, self.a.chunk(key, s0, e0), flat[s0:e0], scratch[0])
+                if sig == ORIGINAL:
+                    param.copy_(self.a.get(key))
+                else:
+                    param.copy_(merge_tensors(mode, kp, [c.get(key) for c in caches], device=param.device))
             else:
-                p.copy_(value())
-        self.signatures[key] = sig
+                written_upto = 0
+                try:
+                    for s0 in range(0, n, CHUNK):
+                        e0 = min(n, s0 + CHUNK)
+                        a = self.a.chunk(key, s0, e0)
+                        if check:
+                            self._check(key, a, flat[s0:e0], scratch[0])
+                        if sig == ORIGINAL:
+                            flat[s0:e0].copy_(a)
+                        else:
+                            chunks = [a] + [c.chunk(key, s0, e0) for c in caches[1:]]
+                            flat[s0:e0].copy_(merge_tensors(mode, kp, chunks, scratch, device=param.device))
+                        written_upto = e0
+                except _Mismatch:
+                    if written_upto:
+                        flat[:written_upto].copy_(self.a.get(key).reshape(-1)[:written_upto])
+                    raise
+        self.verified.add(key)
+        if sig == ORIGINAL:
+            self.signatures.pop(key, None)
+        else:
+            self.signatures[key] = sig
 
+    @staticmethod
+    def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple) -> Signature:
+        if kp is None or kp.action != "merge" or plan.mode.models == 1:
+            return ORIGINAL
+        beta = kp.beta if plan.mode.uses_beta else None
+        return (plan.mode.name, ids[: plan.mode.models], kp.alpha, beta, kp.channels)
+
+    # -- requests -------------------------------------------------------------------------------------
     def apply(self, recipe: Recipe, cancel: Callable[[], bool] | None = None,
               progress: Callable[[int, int], None] | None = None) -> ApplyReport:
-        """Make the live weights equal to ``recipe``; recompute only keys whose signature changed."""
+        """Make the live weights equal to ``recipe``; recompute only keys whose signature changed.
+
+        On interrupt or any error the keys written so far go back to what they held before (the previous
+        merge, recomputed from the caches, or the original): never a mix.
+        """
         with self.lock:
             t0 = time.perf_counter()
             if os.path.realpath(recipe.models[0]) != self.a.id.path:
@@ -216,59 +325,56 @@ class LiveSession:
             caches = [self.a] + [self.cache_for(p) for p in recipe.models[1:]]
             plan = build_plan(recipe, [c.source() for c in caches])
             ids = tuple(c.id for c in caches)
-            self.verify_original()
-            todo: list[tuple[KeyPlan, Signature]] = []
-            report = ApplyReport()
+            params = self.target.params()
             by_key = plan.by_key()
+            report = ApplyReport()
+            todo: list[tuple[KeyPlan | None, str, Signature]] = []
             for k in self.keys:
                 kp = by_key.get(k)
-                sig = ORIGINAL if kp is None else self._signature(plan, kp, ids)
+                sig = self._signature(plan, kp, ids)
                 if self.signatures.get(k, ORIGINAL) != sig:
-                    todo.append((kp, sig))
+                    todo.append((kp, k, sig))
                 else:
                     report.unchanged += 1
-            self.target.prepare([kp.key for kp, _ in todo])
-            done: list[tuple[str, Signature]] = []  # (key, previous signature) for rollback
+            self.target.prepare([k for _, k, _ in todo])
             mode = plan.mode
+            used = caches[: mode.models]
+            self.a.reserve(k for _, k, _ in todo)
+            for c in used[1:]:
+                c.reserve(k for _, k, sig in todo if sig != ORIGINAL)
+            done: list[tuple[str, Signature]] = []
             try:
-                for i, (kp, sig) in enumerate(todo):
+                for i, (kp, k, sig) in enumerate(todo):
                     if cancel and cancel():
                         raise MergeInterrupted("test merge interrupted; the previous weights are back")
-                    prev = self.signatures.get(kp.key, ORIGINAL)
-                    device = self.compute_device or self.target.params()[kp.key].device
-                    self._write(kp.key, sig, lambda: self._value(mode, kp, caches[: mode.models], device))
-                    done.append((kp.key, prev))
+                    prev = self.signatures.get(k, ORIGINAL)
+                    self._write(params[k], kp, k, sig, mode, used)
+                    done.append((k, prev))
                     if progress:
                         progress(i + 1, len(todo))
-            except BaseException:
-                self._rollback(done)
+            except BaseException as e:
+                self._rollback(done, params)
+                if isinstance(e, _Mismatch):
+                    raise MergeError(f"loaded model differs from its file at {e.key}; reload it") from None
                 raise
             finally:
                 self.target.written([k for k, _ in done])
-            self.recipe = recipe
-            self.plan = plan
-            self._prev_plan_caches = (plan, caches)
+            self.recipe, self.plan, self._prev = recipe, plan, (plan, used)
             report.written = len(todo)
             report.seconds = time.perf_counter() - t0
             report.bytes_read = sum(self.bytes_read().values()) - before
             report.notes = plan.report.lines()
             return report
 
-    def _rollback(self, done: list[tuple[str, Signature]]) -> None:
+    def _rollback(self, done: list[tuple[str, Signature]], params: dict[str, torch.Tensor]) -> None:
         """Put back what the written keys held before this request (not interruptible)."""
-        prev_plan = getattr(self, "_prev_plan_caches", None)
+        by_key = self._prev[0].by_key() if self._prev else {}
         for key, prev in reversed(done):
-            if prev == ORIGINAL or prev_plan is None:
-                self._write(key, ORIGINAL, lambda: None)
-                if prev != ORIGINAL:
-                    self.signatures[key] = ORIGINAL
-                continue
-            plan, caches = prev_plan
-            kp = plan.by_key()[key]
-            device = self.compute_device or self.target.params()[key].device
-            self._write(key, prev, lambda: self._value(plan.mode, kp, caches[: plan.mode.models], device))
-        if done:
-            self.target.written([k for k, _ in done])
+            if prev == ORIGINAL or self._prev is None:
+                self._write(params[key], None, key, ORIGINAL, None, [])
+            else:
+                plan, caches = self._prev
+                self._write(params[key], by_key[key], key, prev, plan.mode, caches)
 
     def restore(self) -> int:
         """Original weights back (copy from A's cache). Returns how many tensors were written."""
@@ -279,21 +385,26 @@ class LiveSession:
             with torch.no_grad():
                 for k in keys:
                     params[k].copy_(self.a.get(k))
-                    self.signatures[k] = ORIGINAL
+                    del self.signatures[k]
             self.target.written(keys)
-            self.recipe = None
-            self.plan = None
+            self.recipe, self.plan, self._prev = None, None, None
             return len(keys)
 
     @property
     def is_merged(self) -> bool:
-        return any(s != ORIGINAL for s in self.signatures.values())
+        return bool(self.signatures)
 
     def close(self) -> None:
         self.a.close()
         for c in self.others.values():
             c.close()
         self.others.clear()
+
+
+class _Mismatch(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
 
 
 def fingerprint(params: dict[str, torch.Tensor]) -> str:

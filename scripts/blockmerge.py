@@ -11,6 +11,7 @@ callbacks.use_extension_presets()
 script_callbacks.on_ui_tabs(callbacks.on_ui_tabs)
 script_callbacks.on_ui_settings(callbacks.on_ui_settings)
 script_callbacks.on_model_loaded(callbacks.on_model_loaded)
+script_callbacks.on_app_started(callbacks.on_app_started)
 
 
 class BlockMergeInfotext(scripts.Script):

@@ -47,3 +47,11 @@ def infotext_fields() -> dict[str, str]:
     text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
     import hashlib
     return {"BlockMerge": text, "BlockMerge hash": hashlib.sha256(text.encode()).hexdigest()[:10]}
+
+
+def on_app_started(demo, app):
+    """API routes only with --api or --nowebui, as the WebUI's own."""
+    from modules import shared
+    if getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False):
+        from .api import add_routes
+        add_routes(app)

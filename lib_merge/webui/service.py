@@ -29,6 +29,14 @@ from .params import to_recipe
 from .target import WebUITarget
 
 
+class Conflict(MergeError):
+    """The request is valid but cannot run now (another model is loaded, …): HTTP 409."""
+
+
+class Unsupported(MergeError):
+    """The host or loaded model cannot do a live merge: HTTP 503."""
+
+
 class Service:
     def __init__(self):
         self.session: LiveSession | None = None
@@ -58,7 +66,7 @@ class Service:
         model = host.loaded_model()
         reason = host.unsupported_reason(model)
         if reason:
-            raise MergeError(reason)
+            raise Unsupported(reason)
         return model
 
     def _session_for(self, model) -> LiveSession:
@@ -103,7 +111,7 @@ class Service:
         params = s.target.params()
         best: dict[str, str] = {}
         for k, sig in s.signatures.items():
-            if sig == ("original",):
+            if False:
                 continue
             b = block_of(k, arch)
             if b not in best or params[k].numel() < params[best[b]].numel():
@@ -118,7 +126,7 @@ class Service:
         if a_name:
             info = host.checkpoint_by_name(a_name, "model_a")
             if os.path.realpath(info.filename) != os.path.realpath(model.sd_checkpoint_info.filename):
-                raise MergeError(f"model_a is not the loaded checkpoint; load it first, model_a: {a_name!r}")
+                raise Conflict(f"model_a is not the loaded checkpoint; load it first, model_a: {a_name!r}")
         recipe = to_recipe({k: v for k, v in params.items() if k not in ("output", "overwrite")},
                            self.resolve_model, model.sd_checkpoint_info.filename)
         session = self._session_for(model)
@@ -157,7 +165,7 @@ class Service:
         t0 = time.perf_counter()
         source = params if params is not None else self.live_params
         if source is None:
-            raise MergeError("no test merge is live: run Test merge first (or use Merge to file)")
+            raise Conflict("no test merge is live: run Test merge first (or use Merge to file)")
         p = {k: v for k, v in source.items() if k not in ("output", "overwrite")}
         if dtype:
             p["dtype"] = dtype
@@ -254,6 +262,15 @@ class Service:
             "message": self.last_message,
             "unsupported": host.unsupported_reason(model) if model is not None else None,
         }
+
+    def fingerprint(self) -> dict:
+        """sha256 over the loaded model's UNet + text-encoder parameters by file key (LoRA folded back)."""
+        from ..live import fingerprint
+        model = self._model()
+        target = WebUITarget(model)
+        target.prepare(list(target.params()))
+        return {"fingerprint": fingerprint(target.params()), "tensors": len(target.params()),
+                "loaded": model.sd_checkpoint_info.title, "live": self.status()["live"]}
 
     def on_model_loaded(self, model) -> None:
         """A checkpoint (or VAE) was loaded: keep the live state only if our weights are still there."""

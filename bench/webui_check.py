@@ -1,0 +1,114 @@
+"""Check the live test merge in a running WebUI (the harness in ../shared/webui-harness), over HTTP as a user would.
+
+    python bench/webui_check.py [--url http://127.0.0.1:7860] [--b synthB] [--out DIR]
+
+Loads the model if needed, renders a baseline image, test-merges (GRAD_V), renders, re-merges one block,
+saves (fp32, the live dtype on --no-half), restores, renders again, and compares: the live fingerprint before
+vs after restore, the baseline vs restored image bytes, the saved file's tensors vs the live merged weights.
+Prints each step's seconds and the source bytes read.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def call(url: str, method: str = "GET", body: dict | None = None, timeout: float = 900):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            out = json.loads(r.read())
+            code = r.status
+    except urllib.error.HTTPError as e:
+        out, code = json.loads(e.read() or b"{}"), e.code
+    return code, out, time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="http://127.0.0.1:7860")
+    ap.add_argument("--b", default="synthB")
+    ap.add_argument("--out", default="/tmp/blockmerge-webui-check")
+    ap.add_argument("--save-name", default="blockmerge-check")
+    args = ap.parse_args()
+    u = args.url.rstrip("/")
+    bm = u + "/blockmerge/v1"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = True
+
+    def txt2img(tag):
+        code, r, s = call(u + "/sdapi/v1/txt2img", "POST", {"prompt": "a cat", "seed": 1, "steps": 2, "width": 64,
+                                                          "height": 64, "sampler_name": "Euler"})
+        assert code == 200, r
+        png = base64.b64decode(r["images"][0])
+        (out / f"{tag}.png").write_bytes(png)
+        info = json.loads(r["info"])["infotexts"][0]
+        print(f"txt2img {tag}: {s:.1f} s, image sha256 {hashlib.sha256(png).hexdigest()[:12]}")
+        return png, info
+
+    code, st, _ = call(bm + "/status")
+    if not st.get("loaded"):
+        txt2img("warmup")
+    code, fp0, s = call(bm + "/fingerprint")
+    print(f"fingerprint before: {fp0['fingerprint'][:16]} ({fp0['tensors']} tensors, {s:.1f} s)")
+    img0, info0 = txt2img("original")
+
+    code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "preset": "GRAD_V"})
+    print(f"POST test (GRAD_V, first, cold caches): HTTP {code}, {r.get('written')} tensors, merge {r.get('seconds')} s, "
+          f"request {s:.2f} s")
+    ok &= code == 200
+    img1, info1 = txt2img("merged")
+    print(f"  merged image differs from original: {img1 != img0}; infotext has BlockMerge: {'BlockMerge:' in info1}")
+    ok &= img1 != img0 and "BlockMerge:" in info1
+
+    vec = [0.0, 1, 0.9166666667, 0.8333333333, 0.75, 0.6666666667, 0.5833333333, 0.5, 0.4166666667, 0.3333333333,
+           0.25, 0.1666666667, 0.0833333333, 0, 0.0833333333, 0.1666666667, 0.25, 0.3333333333, 0.4166666667, 0.5,
+           0.5833333333, 0.6666666667, 0.75, 0.8333333333, 0.9166666667, 1.0]
+    vec[19] = 0.9  # OUT05
+    code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "weights": ",".join(map(str, vec))})
+    print(f"POST test (OUT05 changed): HTTP {code}, {r.get('written')} tensors written, {r.get('unchanged')} unchanged, "
+          f"merge {r.get('seconds')} s")
+    code, fp_live, _ = call(bm + "/fingerprint")
+
+    code, r, s = call(bm + "/save", "POST", {"output": args.save_name, "dtype": "fp32", "overwrite": True})
+    print(f"POST save (fp32): HTTP {code}, {r.get('name')} [{r.get('short_hash')}] in {s:.1f} s")
+    ok &= code == 200
+    if code == 200:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from lib_merge.live import fingerprint
+        from lib_merge.sources import open_source
+        with open_source(r["path"]) as src:
+            saved = {k: src.read(k) for k in src.infos if k.startswith(("model.diffusion_model.", "cond_stage_model."))
+                     and src.infos[k].dtype.startswith("F")}
+        same = fingerprint(saved) == fp_live["fingerprint"]
+        print(f"  saved file's UNet + text encoder == live merged weights (fingerprint): {same}")
+        ok &= same
+    code, models, _ = call(u + "/sdapi/v1/sd-models")
+    print(f"  registered in the checkpoint list: {any(m['model_name'] == args.save_name for m in models)}")
+
+    code, r, s = call(bm + "/restore", "POST", {})
+    print(f"POST restore: HTTP {code}, {r.get('restored')} tensors, {r.get('seconds')} s")
+    code, fp1, _ = call(bm + "/fingerprint")
+    print(f"fingerprint after restore: {fp1['fingerprint'][:16]}  bit-exact: {fp1['fingerprint'] == fp0['fingerprint']}")
+    ok &= fp1["fingerprint"] == fp0["fingerprint"]
+    img2, info2 = txt2img("restored")
+    print(f"  restored image identical to original: {img2 == img0}; BlockMerge in infotext: {'BlockMerge:' in info2}")
+    ok &= img2 == img0 and "BlockMerge:" not in info2
+    code, st, _ = call(bm + "/status")
+    print("source bytes read:", {Path(k).name: v for k, v in st["bytes_read"].items()})
+    print("ALL OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
