@@ -102,6 +102,9 @@ def main() -> None:
     del A16, B16
     assert fingerprint(params) == fp0
 
+    import gc
+    gc.collect()
+    anon_before, _ = rss()
     session = LiveSession(target, a, cache_device=args.cache)
     vec = list(GRAD_V)
     r = Recipe(models=[str(a), str(b)], weights=",".join(map(str, vec)))
@@ -127,8 +130,9 @@ def main() -> None:
           f"reads {rep_block.bytes_read} B; {rep_block.seconds / rep_full.seconds * 100:.1f} % of the full re-merge "
           f"(goal <= {1.5 * share * 100:.1f} % = 1.5 x OUT05's share)")
     print(f"{'restore':<34} {restore_s:12.2f} {floor_restore:8.2f} {n_restored:8d}  bit-exact (fingerprint): {exact}")
-    print(f"\nanonymous memory: model {anon0 / 1e9:.2f} GB, after first merge {anon1 / 1e9:.2f} GB "
-          f"(caches +{(anon1 - anon0) / 1e9:.2f} GB), peak RSS (VmHWM) {hwm / 1e9:.2f} GB")
+    print(f"\nanonymous memory: model {anon0 / 1e9:.2f} GB; before the first merge {anon_before / 1e9:.2f} GB, "
+          f"after it {anon1 / 1e9:.2f} GB (caches +{(anon1 - anon_before) / 1e9:.2f} GB); "
+          f"peak RSS of this process (VmHWM, includes the floors' copies) {hwm / 1e9:.2f} GB")
 
 
 if __name__ == "__main__":
