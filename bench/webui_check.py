@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--b", default="synthB")
     ap.add_argument("--out", default="/tmp/blockmerge-webui-check")
     ap.add_argument("--save-name", default="blockmerge-check")
+    ap.add_argument("--a", default="synthA", help="checkpoint to load as A")
+    ap.add_argument("--pid", type=int, default=None, help="WebUI process id, to report its memory")
     args = ap.parse_args()
     u = args.url.rstrip("/")
     bm = u + "/blockmerge/v1"
@@ -57,7 +59,9 @@ def main() -> int:
         return png, info
 
     code, st, _ = call(bm + "/status")
-    if not st.get("loaded"):
+    if not st.get("loaded") or not st["loaded"].startswith(args.a):
+        code, r, s = call(u + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": args.a})
+        print(f"loaded {args.a}: HTTP {code} in {s:.1f} s")
         txt2img("warmup")
     code, fp0, s = call(bm + "/fingerprint")
     print(f"fingerprint before: {fp0['fingerprint'][:16]} ({fp0['tensors']} tensors, {s:.1f} s)")
@@ -106,6 +110,12 @@ def main() -> int:
     ok &= img2 == img0 and "BlockMerge:" not in info2
     code, st, _ = call(bm + "/status")
     print("source bytes read:", {Path(k).name: v for k, v in st["bytes_read"].items()})
+    if args.pid:
+        mem = {}
+        for line in open(f"/proc/{args.pid}/status"):
+            if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:")):
+                mem[line.split(":")[0]] = int(line.split()[1]) * 1024
+        print("WebUI process memory: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items()))
     print("ALL OK" if ok else "FAILED")
     return 0 if ok else 1
 

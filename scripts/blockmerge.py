@@ -5,13 +5,17 @@ it imports this file); this file only wires it up.
 """
 from modules import script_callbacks, scripts
 
-from lib_merge.webui import callbacks
+from lib_merge.webui import callbacks, xyz
 
 callbacks.use_extension_presets()
 script_callbacks.on_ui_tabs(callbacks.on_ui_tabs)
 script_callbacks.on_ui_settings(callbacks.on_ui_settings)
 script_callbacks.on_model_loaded(callbacks.on_model_loaded)
 script_callbacks.on_app_started(callbacks.on_app_started)
+# X/Y/Z axes at import time (so they exist over the API and with --nowebui); again before the UI, deduplicated
+xyz.register()
+script_callbacks.on_before_ui(xyz.register)
+script_callbacks.on_script_unloaded(xyz.unregister)
 
 
 class BlockMergeInfotext(scripts.Script):
@@ -27,6 +31,7 @@ class BlockMergeInfotext(scripts.Script):
         return []
 
     def process(self, p, *args):
+        xyz.process_cell(p)  # an X/Y/Z cell with BlockMerge axes: merge its settings in memory
         fields = callbacks.infotext_fields()
         if fields:
             p.extra_generation_params = {**(p.extra_generation_params or {}), **fields}

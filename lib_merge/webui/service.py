@@ -48,6 +48,8 @@ class Service:
         self.file_bytes_read: dict[str, int] = {}
         self.last_message = ""
         self.guard = threading.Lock()
+        self.xyz_failure: str | None = None
+        self.xyz_cells: list[dict] = []
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _progress(self, stage: str, done: int = 0, total: int = 0) -> None:
@@ -119,7 +121,7 @@ class Service:
         self.sentinels = {k: params[k].detach().to("cpu", copy=True) for k in best.values()}
 
     # -- operations -----------------------------------------------------------------------------------------
-    def test_merge(self, params: dict[str, Any]) -> dict:
+    def test_merge(self, params: dict[str, Any], keep_base: bool = False) -> dict:
         t0 = time.perf_counter()
         model = self._model()
         a_name = params.get("model_a")
@@ -136,7 +138,8 @@ class Service:
                                    progress=lambda d, t: self._progress("test merge", d, t))
         finally:
             self._progress("idle")
-        self.base_params = dict(params)
+        if not keep_base:
+            self.base_params = dict(params)
         self.live_params = dict(params) if session.is_merged else None
         self._record_sentinels()
         msg = (f"test merge live: {report.written} tensors written, {report.unchanged} unchanged, "

@@ -1,0 +1,261 @@
+"""BlockMerge axes in the WebUI's own X/Y/Z plot script.
+
+Axes only record values on the cell's ``p`` (``p.blockmerge_xyz``); the AlwaysOn script's ``process()`` merges
+in memory through the test-merge path (cached sources, only changed tensors recomputed). The X/Y/Z script's
+``run`` is wrapped once per import: checks across axes before the first cell, and the pre-grid state (the previous
+live merge, or the original weights) back afterwards, also after an interrupted or failed grid.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .. import presets
+from ..arch import ARCHS
+from ..errors import MergeError
+from ..modes import MODES
+from ..weights import format_vector, parse_number, parse_weights
+from . import host
+from .service import SERVICE
+
+PREFIX = "BlockMerge: "
+MARK = "_blockmerge_wrapped"
+
+
+def find_xyz_module():
+    from modules import scripts
+    for d in scripts.scripts_data:
+        if d.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid"):
+            return d.module
+    return None
+
+
+def _set(field: str):
+    def apply(p, x, xs):
+        cur = dict(getattr(p, "blockmerge_xyz", None) or {})
+        cur[field] = round(x, 6) if isinstance(x, float) else x
+        p.blockmerge_xyz = cur
+    return apply
+
+
+def _split_bar(text: str) -> list[str]:
+    """Values containing commas (weight strings, elemental rules) are separated by '|'."""
+    return [v.strip() for v in text.split("|") if v.strip()]
+
+
+def parse_block_values(text: str, arch_name: str = "sd1") -> dict[str, float]:
+    """``OUT05=0.3 IN01=1`` -> {block: value}."""
+    arch = ARCHS[arch_name]
+    out = {}
+    for tok in text.replace(",", " ").split():
+        name, sep, val = tok.partition("=")
+        name = name.strip().upper()
+        if not sep:
+            raise MergeError(f"block value needs BLOCK=VALUE, {tok!r}")
+        if name not in arch.blocks:
+            raise MergeError(f"unknown block {name!r} for {arch.label}, block value {tok!r}")
+        out[name] = parse_number(val, f"block value {tok!r}")
+    if not out:
+        raise MergeError(f"empty block value, {text!r}")
+    return out
+
+
+def _confirm(kind: str):
+    def confirm(p, xs):
+        for x in xs:
+            if kind == "preset":
+                presets.resolve(x, ARCHS[_arch_name()])
+            elif kind == "weights":
+                parse_weights(x, ARCHS[_arch_name()], 0.5, "BlockMerge: weights")
+            elif kind == "block_value":
+                parse_block_values(x, _arch_name())
+            elif kind in ("model_b", "model_c"):
+                host.checkpoint_by_name(x, kind)
+            elif kind == "mode" and x not in MODES:
+                raise MergeError(f"unknown mode, {x!r}")
+            elif kind == "subtargets" and x not in ("all", "attn1", "attn2", "ff"):
+                raise MergeError(f"unknown sub-target, {x!r}")
+            elif kind == "elemental":
+                from ..elemental import parse_rules
+                parse_rules(x, ARCHS[_arch_name()])
+    return confirm
+
+
+def _arch_name() -> str:
+    m = host.loaded_model()
+    return "sdxl" if m is not None and getattr(m, "is_sdxl", False) else "sd1"
+
+
+def axis_options(xyz) -> list:
+    A = xyz.AxisOption
+    fmt = xyz.format_value_add_label
+    ckpts = lambda: host.checkpoint_titles()  # noqa: E731
+    return [
+        A(PREFIX + "alpha", float, _set("alpha"), format_value=fmt, cost=0.8),
+        A(PREFIX + "beta", float, _set("beta"), format_value=fmt, cost=0.8),
+        A(PREFIX + "preset", str, _set("preset"), format_value=fmt, confirm=_confirm("preset"), cost=0.8,
+          choices=lambda: presets.names(_arch_name())),
+        A(PREFIX + "weights", str, _set("weights"), format_value=fmt, confirm=_confirm("weights"), cost=0.8,
+          prepare=_split_bar),
+        A(PREFIX + "block value", str, _set("block_value"), format_value=fmt, confirm=_confirm("block_value"),
+          cost=0.5),
+        A(PREFIX + "model B", str, _set("model_b"), format_value=fmt, confirm=_confirm("model_b"), cost=0.9,
+          choices=ckpts),
+        A(PREFIX + "model C", str, _set("model_c"), format_value=fmt, confirm=_confirm("model_c"), cost=0.9,
+          choices=ckpts),
+        A(PREFIX + "merge mode", str, _set("mode"), format_value=fmt, confirm=_confirm("mode"), cost=0.8,
+          choices=lambda: list(MODES)),
+        A(PREFIX + "elemental", str, _set("elemental"), format_value=fmt, confirm=_confirm("elemental"), cost=0.6,
+          prepare=_split_bar),
+        A(PREFIX + "sub-target", str, _set("subtargets"), format_value=fmt, confirm=_confirm("subtargets"), cost=0.8,
+          choices=lambda: ["all", "attn1", "attn2", "ff"]),
+    ]
+
+
+def register() -> bool:
+    """Add the axes (once) and wrap the script's ``run`` (once per import of xyz_grid.py)."""
+    xyz = find_xyz_module()
+    if xyz is None:
+        return False
+    if not any(getattr(o, "label", "").startswith(PREFIX) for o in xyz.axis_options):
+        xyz.axis_options.extend(axis_options(xyz))
+    wrap_run(xyz)
+    return True
+
+
+def unregister() -> None:
+    xyz = find_xyz_module()
+    if xyz is not None:
+        orig = getattr(xyz.Script.run, MARK, None)
+        if orig is not None:
+            xyz.Script.run = orig
+
+
+# -- per cell ------------------------------------------------------------------------------------------------
+def cell_params(base: dict | None, axes: dict[str, Any], arch_name: str) -> dict:
+    """The merge settings of one cell: the base recipe with the axes' values on top."""
+    p = dict(base or {"mode": "weighted_sum", "alpha": 0.5})
+    p.pop("model_a", None)
+    for k in ("model_b", "model_c", "mode", "alpha", "beta", "elemental"):
+        if k in axes:
+            p[k] = axes[k]
+    if "subtargets" in axes:
+        p["subtargets"] = [] if axes["subtargets"] == "all" else [axes["subtargets"]]
+    if "preset" in axes:
+        p["preset"] = axes["preset"]
+        p.pop("weights", None)
+    if "weights" in axes:
+        p["weights"] = axes["weights"]
+        p.pop("preset", None)
+    if "block_value" in axes:
+        arch = ARCHS[arch_name]
+        if p.get("preset"):
+            vec = presets.resolve(p["preset"], arch)
+        elif p.get("weights"):
+            vec = parse_weights(p["weights"], arch, float(p.get("alpha", 0.5)))
+        else:
+            vec = [float(p.get("alpha", 0.5))] * len(arch.blocks)
+        for b, v in parse_block_values(axes["block_value"], arch_name).items():
+            vec[arch.blocks.index(b)] = v
+        p["weights"] = format_vector(vec)
+        p.pop("preset", None)
+    return p
+
+
+def process_cell(p) -> None:
+    """Called from the AlwaysOn script's ``process()``: merge this cell's settings in memory."""
+    axes = getattr(p, "blockmerge_xyz", None)
+    if not axes:
+        return
+    params = cell_params(SERVICE.base_params, axes, _arch_name())
+    try:
+        res = SERVICE.test_merge(params, keep_base=True)
+    except Exception as e:  # the WebUI swallows exceptions from process(): record, stop the grid
+        SERVICE.xyz_failure = f"cell {_describe(axes)}: {e}"
+        host.state().interrupt()
+        raise
+    SERVICE.xyz_cells.append({"axes": dict(axes), "written": res["written"], "seconds": res["seconds"]})
+    recipe = SERVICE.recipe_json()
+    if recipe is not None:
+        text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+        p.extra_generation_params = {**(p.extra_generation_params or {}), "BlockMerge": text}
+
+
+def _describe(axes: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in axes.items())
+
+
+# -- around the whole grid -----------------------------------------------------------------------------------
+def _labels(script, args) -> list[str]:
+    opts = getattr(script, "current_axis_options", None) or []
+    out = []
+    for idx in (args[0], args[3], args[6]):
+        try:
+            out.append(opts[int(idx)].label)
+        except (IndexError, TypeError, ValueError):
+            out.append("")
+    return out
+
+
+def check_grid(labels: list[str], base: dict | None) -> None:
+    """Checks across axes, before the first cell."""
+    ours = [lb[len(PREFIX):] for lb in labels if lb.startswith(PREFIX)]
+    if not ours:
+        return
+    others = [lb for lb in labels if lb and not lb.startswith(PREFIX) and lb != "Nothing"]
+    for lb in others:
+        if lb.startswith(("Checkpoint name", "Refiner", "FP8")):
+            raise MergeError(f"BlockMerge axes cannot be combined with the {lb!r} axis (it reloads the model)")
+    if base is None and "model B" not in ours:
+        raise MergeError("run Test merge first or add a BlockMerge: model B axis")
+    subs = base.get("subtargets") if base else None
+    vector = None
+    if base and base.get("preset"):
+        vector = f"preset {base['preset']}"
+    elif base and base.get("weights"):
+        vector = "block weights"
+    if "preset" in ours:
+        vector = vector or "a BlockMerge: preset axis"
+    if "weights" in ours:
+        vector = vector or "a BlockMerge: weights axis"
+    if "block value" in ours and vector is None:
+        vector = "a BlockMerge: block value axis"
+    for sweep in ("alpha", "beta"):
+        if sweep in ours and vector and not (sweep == "alpha" and subs):
+            if sweep == "beta" and base and not (base.get("weights_beta") or base.get("preset_beta")):
+                continue
+            raise MergeError(f"{sweep} has no effect while {vector} is set; sweep BlockMerge: block value or preset")
+
+
+def wrap_run(xyz) -> None:
+    cls = xyz.Script
+    if getattr(cls.run, MARK, None) is not None:
+        return
+    orig = cls.run
+
+    def run(self, p, *args):
+        labels = _labels(self, args)
+        if not any(lb.startswith(PREFIX) for lb in labels):
+            return orig(self, p, *args)
+        check_grid(labels, SERVICE.base_params)
+        before = dict(SERVICE.live_params) if SERVICE.live_params else None
+        base = SERVICE.base_params
+        SERVICE.xyz_failure = None
+        SERVICE.xyz_cells = []
+        try:
+            result = orig(self, p, *args)
+        finally:
+            try:
+                if before is not None:
+                    SERVICE.test_merge(before)
+                else:
+                    SERVICE.restore()
+            finally:
+                SERVICE.base_params = base
+        if SERVICE.xyz_failure:
+            failure, SERVICE.xyz_failure = SERVICE.xyz_failure, None
+            raise MergeError(f"X/Y/Z grid stopped: {failure}; the model was restored")
+        return result
+
+    setattr(run, MARK, orig)
+    cls.run = run

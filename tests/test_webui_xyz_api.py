@@ -1,0 +1,236 @@
+"""X/Y/Z axes and the HTTP API against the WebUI stand-in (real torch model with the real SD1.5 key names)."""
+import importlib.util
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+STUB = Path(__file__).resolve().parent / "webui_stub"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def webui(tmp_path, models, monkeypatch):
+    monkeypatch.syspath_prepend(str(STUB))
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from modules import sd_models, shared, script_callbacks, scripts, processing
+    ckdir = tmp_path / "models"
+    ckdir.mkdir()
+    for src, dst in (("sd15_a", "synthA"), ("sd15_b", "synthB"), ("sd15_c", "synthC")):
+        shutil.copy(models[src], ckdir / f"{dst}.safetensors")
+    monkeypatch.setattr(sd_models, "model_path", str(ckdir))
+    sd_models.list_models()
+    # the X/Y/Z script is loaded before extension scripts
+    spec = importlib.util.spec_from_file_location("xyz_grid.py", STUB / "extra" / "xyz_grid.py")
+    xyz_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(xyz_mod)
+    xyz_mod.Script.__module__ = "xyz_grid.py"
+    monkeypatch.setattr(scripts, "scripts_data", [scripts.ScriptClassData(xyz_mod.Script, "", "", xyz_mod)])
+    from lib_merge.webui import api, callbacks, service as service_mod, xyz  # noqa: F401
+    svc = service_mod.Service()
+    for mod in (service_mod, api, callbacks, xyz):
+        monkeypatch.setattr(mod, "SERVICE", svc)
+    entry_spec = importlib.util.spec_from_file_location("blockmerge.py", ROOT / "scripts" / "blockmerge.py")
+    entry = importlib.util.module_from_spec(entry_spec)
+    entry_spec.loader.exec_module(entry)
+    model = sd_models.load_model(sd_models.checkpoint_aliases["synthA"])
+    xyz_script = xyz_mod.Script()
+    xyz_script.ui(False)
+
+    class Runner:  # p.scripts: the AlwaysOn scripts that process_images runs
+        def __init__(self):
+            self.alwayson = [entry.BlockMergeInfotext()]
+
+        def process(self, p):
+            for s in self.alwayson:
+                try:
+                    s.process(p)
+                except Exception as e:  # the WebUI swallows exceptions from process() and goes on
+                    print("swallowed:", e)
+
+    yield {"svc": svc, "sd_models": sd_models, "shared": shared, "model": model, "xyz": xyz_mod,
+           "script": xyz_script, "processing": processing, "runner": Runner(), "entry": entry}
+    script_callbacks.clear_callbacks()
+    getattr(xyz_mod.Script.run, "_blockmerge_wrapped", None) and setattr(
+        xyz_mod.Script, "run", xyz_mod.Script.run._blockmerge_wrapped)
+
+
+def fp(model):
+    from lib_merge.live import fingerprint
+    from lib_merge.webui.target import WebUITarget
+    return fingerprint(WebUITarget(model).params())
+
+
+def axis(webui, label):
+    return [o.label for o in webui["script"].current_axis_options].index(label)
+
+
+def grid(webui, x_label, x_values, y_label="Nothing", y_values="", x_drop=(), y_drop=()):
+    from modules import processing
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="cat", seed=1, steps=2, width=8, height=8)
+    p.scripts = webui["runner"]
+    s = webui["script"]
+    return s.run(p, axis(webui, x_label), x_values, list(x_drop), axis(webui, y_label), y_values, list(y_drop),
+                 0, "", [], True, True, False, False, False, False, False, 0, False)
+
+
+def test_axes_registered_once_with_labels(webui):
+    from lib_merge.webui import xyz
+    xyz.register()
+    xyz.register()
+    labels = [o.label for o in webui["xyz"].axis_options if o.label.startswith("BlockMerge:")]
+    assert labels == ["BlockMerge: alpha", "BlockMerge: beta", "BlockMerge: preset", "BlockMerge: weights",
+                      "BlockMerge: block value", "BlockMerge: model B", "BlockMerge: model C",
+                      "BlockMerge: merge mode", "BlockMerge: elemental", "BlockMerge: sub-target"]
+
+
+def test_alpha_grid_cells_differ_and_model_comes_back(webui):
+    svc, model = webui["svc"], webui["model"]
+    original = fp(model)
+    svc.test_merge({"model_b": "synthB", "alpha": 0.3})
+    pre_grid = fp(model)
+    cells = grid(webui, "BlockMerge: alpha", "0,0.5,1")
+    assert len(cells) == 3
+    infos = [c.infotexts[0] for c in cells]
+    assert len({c.images[0].tobytes() for c in cells}) == 3
+    assert ['"alpha":0.0' in infos[0], '"alpha":0.5' in infos[1], '"alpha":1.0' in infos[2]] == [True] * 3
+    assert fp(model) == pre_grid  # the pre-grid live merge is back, bit-exact
+    assert svc.base_params["alpha"] == 0.3
+    svc.restore()
+    assert fp(model) == original
+
+
+def test_preset_by_block_value_grid(webui):
+    from lib_merge.arch import ARCHS, block_of
+    svc, model = webui["svc"], webui["model"]
+    original = fp(model)
+    svc.test_merge({"model_b": "synthB", "alpha": 0.5})
+    svc.restore()  # base recipe kept after Restore
+    cells = grid(webui, "BlockMerge: block value", "OUT05=0 OUT05=0.5 OUT05=1".replace(" OUT", ",OUT"),
+                 "BlockMerge: preset", "", y_drop=["GRAD_V", "GRAD_A"])
+    assert len(cells) == 6 and len({c.images[0].tobytes() for c in cells}) == 6
+    n_out05 = sum(1 for k in svc.session.keys if block_of(k, ARCHS["sd1"]) == "OUT05")
+    written = [c["written"] for c in svc.xyz_cells]
+    # block value (cost 0.5) is the inner loop: within a preset only OUT05's tensors are rewritten
+    assert written[1] == n_out05 and written[2] == n_out05 and written[4] == n_out05
+    assert fp(model) == original  # no merge was live before the grid: original back
+
+
+def test_alpha_axis_with_preset_is_refused_before_first_cell(webui):
+    from lib_merge.errors import MergeError
+    svc = webui["svc"]
+    svc.test_merge({"model_b": "synthB", "preset": "GRAD_V"})
+    with pytest.raises(MergeError, match="alpha has no effect while preset GRAD_V is set; sweep BlockMerge: block value or preset"):
+        grid(webui, "BlockMerge: alpha", "0,1")
+    assert svc.xyz_cells == []
+
+
+def test_grid_needs_a_base_or_model_b_axis(webui):
+    from lib_merge.errors import MergeError
+    with pytest.raises(MergeError, match="run Test merge first or add a BlockMerge: model B axis"):
+        grid(webui, "BlockMerge: alpha", "0,1")
+    cells = grid(webui, "BlockMerge: model B", "", x_drop=["synthB", "synthC"])
+    assert len({c.images[0].tobytes() for c in cells}) == 2
+
+
+def test_failing_cell_stops_grid_names_cell_and_restores(webui):
+    from lib_merge.errors import MergeError
+    svc, model = webui["svc"], webui["model"]
+    original = fp(model)
+    svc.test_merge({"model_b": "synthB", "alpha": 0.5})
+    svc.restore()
+    with pytest.raises(MergeError, match=r"X/Y/Z grid stopped: cell .*mode=inv_sigmoid.*outside \[0, 1\].*restored"):
+        grid(webui, "BlockMerge: merge mode", "", "BlockMerge: alpha", "0.5,1.5", x_drop=["weighted_sum", "inv_sigmoid"])
+    assert fp(model) == original
+    webui["shared"].state.interrupted = False
+
+
+def test_grid_without_blockmerge_axes_does_not_merge(webui):
+    svc = webui["svc"]
+    cells = grid(webui, "Seed", "1,2")
+    assert len(cells) == 2 and svc.session is None
+
+
+# -- HTTP API ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def client(webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from lib_merge.webui.api import add_routes
+    app = FastAPI()
+    add_routes(app)
+    add_routes(app)  # Reload UI: no duplicates
+    assert sum(1 for r in app.routes if getattr(r, "path", "") == "/blockmerge/v1/test") == 1
+    return TestClient(app)
+
+
+def test_api_test_restore_status_recipe(client, webui):
+    model = webui["model"]
+    before = fp(model)
+    r = client.post("/blockmerge/v1/test", json={"model_b": "synthB", "mode": "weighted_sum", "alpha": 0.5,
+                                                  "preset": "GRAD_V"})
+    assert r.status_code == 200 and r.json()["written"] == 882 and "seconds" in r.json()
+    st = client.get("/blockmerge/v1/status").json()
+    assert st["live"] and st["loaded"].startswith("synthA")
+    assert client.get("/blockmerge/v1/recipe").json()["recipe"]["preset"] == "GRAD_V"
+    r = client.post("/blockmerge/v1/restore")
+    assert r.status_code == 200 and r.json()["restored"] == 882
+    assert fp(model) == before
+    rec = client.get("/blockmerge/v1/recipe").json()
+    assert rec["live"] is False and rec["recipe"] == {"model_b": "synthB", "mode": "weighted_sum", "alpha": 0.5,
+                                                      "preset": "GRAD_V"}
+    presets = client.get("/blockmerge/v1/presets").json()["presets"]
+    assert len(presets["sd1"]) == 38 and presets["sd1"]["GRAD_V"]["values"][1] == 1.0
+
+
+@pytest.mark.parametrize("body,code,detail", [
+    ({"model_b": "nope"}, 422, "unknown checkpoint 'nope' (use a name from the checkpoint list), model_b"),
+    ({"model_b": "../synthB.safetensors"}, 422, "unknown checkpoint '../synthB.safetensors'"),
+    ({"model_b": "synthB", "weights": "1,2,x"}, 422, "not a number: 'x'"),
+    ({"model_b": "synthB", "weights": "1", "preset": "GRAD_V"}, 422, "give weights or preset, not both"),
+    ({"model_b": "synthB", "model_a": "synthC"}, 409, "model_a is not the loaded checkpoint; load it first"),
+    ({"model_b": "synthB", "bogus": 1}, 422, "unknown field, bogus"),
+])
+def test_api_validation(client, body, code, detail):
+    r = client.post("/blockmerge/v1/test", json=body)
+    assert r.status_code == code and detail in r.json()["detail"] and isinstance(r.json()["detail"], str)
+
+
+def test_api_save_and_merge_names(client, webui):
+    r = client.post("/blockmerge/v1/save", json={"output": "x"})
+    assert r.status_code == 409 and "no test merge is live" in r.json()["detail"]
+    client.post("/blockmerge/v1/test", json={"model_b": "synthB"})
+    for bad in ("../x", "/tmp/x", "a/b"):
+        r = client.post("/blockmerge/v1/save", json={"output": bad})
+        assert r.status_code == 422 and "output" in r.json()["detail"]
+    r = client.post("/blockmerge/v1/save", json={"output": "saved-live", "dtype": "fp16"})
+    assert r.status_code == 200 and r.json()["name"] == "saved-live.safetensors" and len(r.json()["sha256"]) == 64
+    r2 = client.post("/blockmerge/v1/merge", json={"model_a": "synthA", "model_b": "synthB", "output": "file-merge",
+                                                   "vae": "a", "dtype": "fp16", "alpha": 0.5})
+    assert r2.status_code == 200 and r2.json()["name"] == "file-merge.safetensors"
+    from safetensors.torch import load_file
+    live_saved, file_merged = load_file(r.json()["path"]), load_file(r2.json()["path"])
+    assert all(torch.equal(live_saved[k], file_merged[k]) for k in live_saved)  # same recipe, same tensors
+    r3 = client.post("/blockmerge/v1/merge", json={"model_a": "synthA", "model_b": "synthB", "output": "file-merge"})
+    assert r3.status_code == 422 and "output exists" in r3.json()["detail"]
+    r = client.post("/blockmerge/v1/test", data="not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"] == "the request body must be a JSON object"
+
+
+def test_api_takes_the_queue_lock(client, webui):
+    from modules import call_queue
+    done = []
+    call_queue.queue_lock.acquire()
+    t = threading.Thread(target=lambda: done.append(client.post("/blockmerge/v1/test", json={"model_b": "synthB"})))
+    t.start()
+    time.sleep(1.0)
+    assert not done  # waits for the lock held by a "generation"
+    assert client.get("/blockmerge/v1/status").status_code == 200  # status never waits
+    call_queue.queue_lock.release()
+    t.join(60)
+    assert done and done[0].status_code == 200
