@@ -58,3 +58,25 @@ def load(path) -> dict[str, torch.Tensor]:
 
 def f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)
+
+
+STUB = Path(__file__).resolve().parent / "webui_stub"
+
+
+@pytest.fixture
+def webui_stub(tmp_path, models, monkeypatch):
+    """The WebUI stand-in on sys.path (fresh ``modules``), with synthA/B/C checkpoints listed. Returns sd_models."""
+    import shutil
+    import sys
+    monkeypatch.syspath_prepend(str(STUB))
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from modules import script_callbacks, sd_models
+    ckdir = tmp_path / "models" / "Stable-diffusion"
+    ckdir.mkdir(parents=True)
+    for src, dst in (("sd15_a", "synthA"), ("sd15_b", "synthB"), ("sd15_c", "synthC")):
+        shutil.copy(models[src], ckdir / f"{dst}.safetensors")
+    monkeypatch.setattr(sd_models, "model_path", str(ckdir))
+    sd_models.list_models()
+    yield sd_models
+    script_callbacks.clear_callbacks()

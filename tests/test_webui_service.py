@@ -12,17 +12,9 @@ STUB = Path(__file__).resolve().parent / "webui_stub"
 
 
 @pytest.fixture
-def webui(tmp_path, models, monkeypatch):
-    monkeypatch.syspath_prepend(str(STUB))
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
-        monkeypatch.delitem(sys.modules, name)
+def webui(webui_stub, monkeypatch):
     from modules import sd_models, shared, script_callbacks, processing, devices
-    ckdir = tmp_path / "models" / "Stable-diffusion"
-    ckdir.mkdir(parents=True)
-    for src, dst in (("sd15_a", "synthA"), ("sd15_b", "synthB"), ("sd15_c", "synthC")):
-        shutil.copy(models[src], ckdir / f"{dst}.safetensors")
-    monkeypatch.setattr(sd_models, "model_path", str(ckdir))
-    sd_models.list_models()
+    ckdir = Path(sd_models.model_path)
     from lib_merge.webui import service as service_mod
     svc = service_mod.Service()
     monkeypatch.setattr(service_mod, "SERVICE", svc)

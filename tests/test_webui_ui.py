@@ -10,19 +10,8 @@ STUB = Path(__file__).resolve().parent / "webui_stub"
 
 
 @pytest.fixture
-def stub(tmp_path, models, monkeypatch):
-    monkeypatch.syspath_prepend(str(STUB))
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
-        monkeypatch.delitem(sys.modules, name)
-    from modules import sd_models, script_callbacks
-    ckdir = tmp_path / "ck"
-    ckdir.mkdir()
-    for src, dst in (("sd15_a", "synthA"), ("sd15_b", "synthB")):
-        shutil.copy(models[src], ckdir / f"{dst}.safetensors")
-    monkeypatch.setattr(sd_models, "model_path", str(ckdir))
-    sd_models.list_models()
-    yield sd_models
-    script_callbacks.clear_callbacks()
+def stub(webui_stub):
+    return webui_stub
 
 
 def test_gradio_is_the_webui_pin():

@@ -14,17 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def webui(tmp_path, models, monkeypatch):
-    monkeypatch.syspath_prepend(str(STUB))
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
-        monkeypatch.delitem(sys.modules, name)
+def webui(webui_stub, monkeypatch):
     from modules import sd_models, shared, script_callbacks, scripts, processing
-    ckdir = tmp_path / "models"
-    ckdir.mkdir()
-    for src, dst in (("sd15_a", "synthA"), ("sd15_b", "synthB"), ("sd15_c", "synthC")):
-        shutil.copy(models[src], ckdir / f"{dst}.safetensors")
-    monkeypatch.setattr(sd_models, "model_path", str(ckdir))
-    sd_models.list_models()
     # the X/Y/Z script is loaded before extension scripts
     spec = importlib.util.spec_from_file_location("xyz_grid.py", STUB / "extra" / "xyz_grid.py")
     xyz_mod = importlib.util.module_from_spec(spec)
