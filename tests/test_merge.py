@@ -370,3 +370,20 @@ def test_reproduce_finds_moved_inputs(tmp_path, sd15_listing):
         reproduce(str(out))
     ok, new, detail = reproduce(str(out), search=[str(tmp_path / "store")])
     assert ok, detail
+
+
+def test_fp8_and_bf16_inputs_compute_in_fp32(tmp_path, sd15_listing):
+    from lib_merge import synthetic as S
+    fp8 = {k: (shape, "F8_E4M3" if dt == "F16" else dt) for k, (shape, dt) in sd15_listing.items()}
+    bf16 = {k: (shape, "BF16" if dt == "F16" else dt) for k, (shape, dt) in sd15_listing.items()}
+    a = S.write_checkpoint(tmp_path / "a8.safetensors", fp8, 1)
+    b = S.write_checkpoint(tmp_path / "b16.safetensors", bf16, 2)
+    out = tmp_path / "o.safetensors"
+    merge_to_file(Recipe(models=[str(a), str(b)], alpha=0.25, dtype="fp32"), out)
+    A, B, O = load(a), load(b), load(out)
+    k = "model.diffusion_model.output_blocks.2.1.conv.weight"
+    assert A[k].dtype == torch.float8_e4m3fn and B[k].dtype == torch.bfloat16
+    torch.testing.assert_close(O[k], 0.75 * f32(A[k]) + 0.25 * f32(B[k]), rtol=1e-6, atol=1e-7)
+    keep = tmp_path / "keep.safetensors"
+    merge_to_file(Recipe(models=[str(a), str(b)], alpha=0.25), keep)
+    assert load(keep)[k].dtype == torch.float8_e4m3fn  # keep: A's dtype per key
