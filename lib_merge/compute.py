@@ -13,10 +13,11 @@ from .modes import Mode
 
 
 def merge_tensors(mode: Mode, kp: KeyPlan, tensors: list[Tensor], scratch: list[Tensor] | None = None,
-                  device: torch.device | str = "cpu") -> Tensor:
+                  device: torch.device | str = "cpu", a_ready: bool = False) -> Tensor:
     """fp32 result of ``mode`` on ``tensors`` (A first) for key plan ``kp``.
 
-    ``scratch``: optional fp32 buffers (one per input, same numel as the inputs) that may be overwritten.
+    ``scratch``: optional fp32 buffers (one per input, same numel as the inputs) that may be overwritten;
+    ``a_ready``: ``scratch[0]`` already holds A's values in fp32 (the live sink converted them for its check).
     Handles the inpainting first conv (merge only the first ``kp.channels`` input channels, keep A's rest).
     """
     if kp.channels is not None:
@@ -30,7 +31,8 @@ def merge_tensors(mode: Mode, kp: KeyPlan, tensors: list[Tensor], scratch: list[
     for i, t in enumerate(tensors):
         if scratch is not None:
             buf = scratch[i][: t.numel()].view(t.shape)
-            buf.copy_(t)
+            if not (i == 0 and a_ready):
+                buf.copy_(t)
             ins.append(buf)
         else:
             ins.append(t.to(device=device, dtype=torch.float32, copy=True))

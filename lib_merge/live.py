@@ -60,10 +60,11 @@ class SourceId:
 
 
 class TensorCache:
-    """A file's tensors in the file's dtype, read once (``cpu``), kept on a GPU (``cuda…``), or mapped (``mmap``).
+    """A file's tensors in the file's dtype: in RAM (``cpu``), on a GPU (``cuda…``), or mapped (``mmap``).
 
-    On ``cpu`` the tensors of one request live in one anonymous mapping (transparent huge pages where allowed)
-    and are filled chunk by chunk as the merge reaches them (:meth:`chunk`).
+    ``cpu`` and ``mmap`` first map safetensors files (no copy: the first merge reads straight from the page
+    cache); ``cpu`` then copies the mapped tensors into one anonymous arena in the background
+    (:meth:`materialize`), after which the cache no longer touches the file.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
@@ -76,6 +77,8 @@ class TensorCache:
         self._slots: dict[str, torch.Tensor] = {}  # key -> typed 1-D home being filled
         self._filled: dict[str, int] = {}  # key -> elements read so far
         self._arenas: list = []
+        self._mapped: set[str] = set()
+        self._stop = threading.Event()
 
     def source(self) -> Source:
         if self._src is None:
@@ -84,10 +87,14 @@ class TensorCache:
 
     def reserve(self, keys: Iterable[str]) -> None:
         """One anonymous mapping for the tensors about to be cached (fewer page faults than one per tensor)."""
+        self._reserve(keys)
+
+    def _reserve(self, keys: Iterable[str], for_copy: bool = False) -> None:
         src = self.source()
-        if self.device != "cpu" or not hasattr(src, "data_start"):
+        if self.device != "cpu" or not hasattr(src, "data_start") or not for_copy:
             return
-        need = [(k, src.infos[k]) for k in keys if k not in self.tensors and k not in self._slots and k in src.infos]
+        need = [(k, src.infos[k]) for k in keys
+                if (for_copy or k not in self.tensors) and k not in self._slots and k in src.infos]
         total = sum((i.nbytes + 63) // 64 * 64 for _, i in need)
         if total == 0:
             return
@@ -142,8 +149,10 @@ class TensorCache:
         if key in self._slots:
             self._fill(key, info.numel)
             return self.tensors[key]
-        if self.device == "mmap" and hasattr(src, "data_start"):
+        if self.device in ("mmap", "cpu") and hasattr(src, "data_start"):
             t = self._mmap_view(info)
+            self._mapped.add(key)
+            self.bytes_read += info.nbytes
         else:
             t = src.read(key)
             self.bytes_read += info.nbytes
@@ -161,6 +170,32 @@ class TensorCache:
             t = torch.frombuffer(self._mm, dtype=ST_TO_TORCH[info.dtype], count=info.numel, offset=info.start)
         return t.reshape(info.shape)
 
+    def materialize(self) -> int:
+        """Copy the mapped tensors into RAM (one arena) so the cache stops depending on the file. Returns bytes
+        copied. Runs in the background after a merge; stops early when the cache is closed."""
+        if self.device != "cpu":
+            return 0
+        keys = [k for k in list(self._mapped) if k in self.tensors]
+        if not keys:
+            return 0
+        self._reserve(keys, for_copy=True)
+        copied = 0
+        for k in keys:
+            if self._stop.is_set():
+                break
+            slot = self._slots.pop(k, None)
+            if slot is None:
+                continue
+            view = self.tensors[k]
+            slot.copy_(view.reshape(-1))
+            self.tensors[k] = slot.view(view.shape)
+            self._filled.pop(k, None)
+            self._mapped.discard(k)
+            copied += slot.numel() * slot.element_size()
+        if not self._mapped:
+            self._mm = None  # unmapped once the last view is gone: the file's pages leave our RSS
+        return copied
+
     def valid(self) -> bool:
         try:
             return SourceId.of(self.id.path) == self.id
@@ -168,10 +203,12 @@ class TensorCache:
             return False
 
     def close(self) -> None:
+        self._stop.set()
         if self._src is not None:
             self._src.close()
             self._src = None
         self.tensors.clear()
+        self._mapped.clear()
         self._slots.clear()
         self._filled.clear()
         self._arenas.clear()  # the mappings are freed once no tensor views them
@@ -206,6 +243,7 @@ class LiveSession:
         self.lock = threading.RLock()
         self._scratch_bufs: dict[str, list[torch.Tensor]] = {}
         self._prev: tuple[Plan, list[TensorCache]] | None = None
+        self._copier: threading.Thread | None = None
         params = target.params()
         a_src = self.a.source()
         for k, p in params.items():
@@ -243,15 +281,19 @@ class LiveSession:
         return bufs
 
     # -- one key --------------------------------------------------------------------------------------
-    def _check(self, key: str, a: torch.Tensor, live: torch.Tensor, scratch: torch.Tensor) -> None:
-        """The live chunk must equal A's file chunk cast to the live dtype (before the key's first write)."""
+    def _check(self, key: str, a: torch.Tensor, live: torch.Tensor, scratch: torch.Tensor) -> bool:
+        """The live chunk must equal A's file chunk cast to the live dtype (before the key's first write).
+        Returns True when ``scratch`` now holds A's chunk in fp32 (reusable by the merge)."""
         if live.dtype == torch.float32 and live.device == scratch.device:
             view = scratch[: a.numel()]
             view.copy_(a)
+            ready = True
         else:
             view = a.to(device=live.device, dtype=live.dtype)
+            ready = False
         if not torch.equal(view, live):
             raise _Mismatch(key)
+        return ready
 
     def _write(self, param: torch.Tensor, kp: KeyPlan | None, key: str, sig: Signature, mode,
                caches: list[TensorCache]) -> None:
@@ -281,13 +323,13 @@ class LiveSession:
                     for s0 in range(0, n, CHUNK):
                         e0 = min(n, s0 + CHUNK)
                         a = self.a.chunk(key, s0, e0)
-                        if check:
-                            self._check(key, a, flat[s0:e0], scratch[0])
+                        ready = self._check(key, a, flat[s0:e0], scratch[0]) if check else False
                         if sig == ORIGINAL:
                             flat[s0:e0].copy_(a)
                         else:
                             chunks = [a] + [c.chunk(key, s0, e0) for c in caches[1:]]
-                            flat[s0:e0].copy_(merge_tensors(mode, kp, chunks, scratch, device=param.device))
+                            flat[s0:e0].copy_(merge_tensors(mode, kp, chunks, scratch, device=param.device,
+                                                            a_ready=ready))
                         written_upto = e0
                 except _Mismatch:
                     if written_upto:
@@ -360,11 +402,33 @@ class LiveSession:
             finally:
                 self.target.written([k for k, _ in done])
             self.recipe, self.plan, self._prev = recipe, plan, (plan, used)
+            self._materialize_later()
             report.written = len(todo)
             report.seconds = time.perf_counter() - t0
             report.bytes_read = sum(self.bytes_read().values()) - before
             report.notes = plan.report.lines()
             return report
+
+    def _materialize_later(self) -> None:
+        """``cpu`` caches: copy what the merge mapped into RAM in the background (once per new batch of keys)."""
+        if self.cache_device != "cpu" or (self._copier is not None and self._copier.is_alive()):
+            return
+        caches = [self.a, *self.others.values()]
+        if not any(c._mapped for c in caches):
+            return
+
+        def run():
+            for c in caches:
+                c.materialize()
+
+        self._copier = threading.Thread(target=run, name="blockmerge-cache-copy", daemon=True)
+        self._copier.start()
+
+    def wait_cached(self, timeout: float | None = None) -> bool:
+        """Wait for the background copy into RAM (tests, benchmarks). True when nothing is left mapped."""
+        if self._copier is not None:
+            self._copier.join(timeout)
+        return not any(c._mapped for c in [self.a, *self.others.values()])
 
     def _rollback(self, done: list[tuple[str, Signature]], params: dict[str, torch.Tensor]) -> None:
         """Put back what the written keys held before this request (not interruptible)."""
@@ -395,6 +459,10 @@ class LiveSession:
         return bool(self.signatures)
 
     def close(self) -> None:
+        for c in [self.a, *self.others.values()]:
+            c._stop.set()
+        if self._copier is not None:
+            self._copier.join()
         self.a.close()
         for c in self.others.values():
             c.close()

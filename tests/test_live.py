@@ -55,6 +55,22 @@ def test_merge_then_restore_is_bit_exact(live, models):
     assert fingerprint(dict(module.named_parameters())) == before
 
 
+def test_cpu_cache_is_copied_into_ram_after_the_first_merge(live, models, tmp_path):
+    session, target, module = live
+    before = fingerprint(dict(module.named_parameters()))
+    session.apply(recipe(models, preset="GRAD_V"))
+    assert session.wait_cached(60)
+    reads = dict(session.bytes_read())
+    assert not session.a._mapped and all(not c._mapped for c in session.others.values())
+    # the cache no longer depends on the file: the copies are plain RAM tensors with A's bytes
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert torch.equal(session.a.get(key), load(models["sd15_a"])[key])
+    session.apply(recipe(models, preset="GRAD_A"))
+    assert session.bytes_read() == reads
+    session.restore()
+    assert fingerprint(dict(module.named_parameters())) == before
+
+
 def test_live_values_follow_the_formula(live, models):
     session, target, module = live
     session.apply(recipe(models, alpha=0.3))
