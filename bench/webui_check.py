@@ -33,13 +33,28 @@ def call(url: str, method: str = "GET", body: dict | None = None, timeout: float
     return code, out, time.perf_counter() - t
 
 
-def main() -> int:
+def common_parser(out_default: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:7860")
-    ap.add_argument("--b", default="synthB")
-    ap.add_argument("--out", default="/tmp/blockmerge-webui-check")
-    ap.add_argument("--save-name", default="blockmerge-check")
     ap.add_argument("--a", default="synthA", help="checkpoint to load as A")
+    ap.add_argument("--b", default="synthB")
+    ap.add_argument("--out", default=out_default)
+    return ap
+
+
+def ensure_loaded(u: str, a: str) -> bool:
+    """Load checkpoint ``a`` (and render once, which loads the model) unless it is loaded. True if it loaded."""
+    code, st, _ = call(u + "/blockmerge/v1/status")
+    if st.get("loaded") and st["loaded"].startswith(a):
+        return False
+    code, r, s = call(u + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": a})
+    print(f"loaded {a}: HTTP {code} in {s:.1f} s")
+    return True
+
+
+def main() -> int:
+    ap = common_parser("/tmp/blockmerge-webui-check")
+    ap.add_argument("--save-name", default="blockmerge-check")
     ap.add_argument("--pid", type=int, default=None, help="WebUI process id, to report its memory")
     args = ap.parse_args()
     u = args.url.rstrip("/")
@@ -58,10 +73,7 @@ def main() -> int:
         print(f"txt2img {tag}: {s:.1f} s, image sha256 {hashlib.sha256(png).hexdigest()[:12]}")
         return png, info
 
-    code, st, _ = call(bm + "/status")
-    if not st.get("loaded") or not st["loaded"].startswith(args.a):
-        code, r, s = call(u + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": args.a})
-        print(f"loaded {args.a}: HTTP {code} in {s:.1f} s")
+    if ensure_loaded(u, args.a):
         txt2img("warmup")
     code, fp0, s = call(bm + "/fingerprint")
     print(f"fingerprint before: {fp0['fingerprint'][:16]} ({fp0['tensors']} tensors, {s:.1f} s)")

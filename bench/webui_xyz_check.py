@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -17,24 +16,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webui_check import call  # noqa: E402
+from webui_check import call, common_parser, ensure_loaded  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", default="http://127.0.0.1:7860")
-    ap.add_argument("--b", default="synthB")
-    ap.add_argument("--a", default="synthA")
-    ap.add_argument("--out", default="/tmp/blockmerge-xyz-check")
-    args = ap.parse_args()
+    args = common_parser("/tmp/blockmerge-xyz-check").parse_args()
     u = args.url.rstrip("/")
     bm = u + "/blockmerge/v1"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ok = True
-    code, st, _ = call(bm + "/status")
-    if not st.get("loaded") or not st["loaded"].startswith(args.a):
-        call(u + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": args.a})
+    if ensure_loaded(u, args.a):
         call(u + "/sdapi/v1/txt2img", "POST", {"prompt": "warmup", "steps": 1, "width": 64, "height": 64})
     code, info, _ = call(u + "/sdapi/v1/script-info")
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
