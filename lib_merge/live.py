@@ -170,6 +170,23 @@ class TensorCache:
             t = torch.frombuffer(self._mm, dtype=ST_TO_TORCH[info.dtype], count=info.numel, offset=info.start)
         return t.reshape(info.shape)
 
+    def release(self, keys: Iterable[str]) -> None:
+        """Drop mapped tensors' pages from this process's RSS (they stay in the page cache and come back on the
+        next access): mapped sources then cost no resident memory. One call for the span of ``keys``."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        infos = [self.source().infos[k] for k in keys]
+        if not infos:
+            return
+        page = mmap.PAGESIZE
+        start = min(i.start for i in infos) // page * page
+        end = min(len(self._mm), -(-max(i.end for i in infos) // page) * page)
+        if end > start:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
+
     def materialize(self) -> int:
         """Copy the mapped tensors into RAM (one arena) so the cache stops depending on the file. Returns bytes
         copied. Runs in the background after a merge; stops early when the cache is closed."""
@@ -178,8 +195,11 @@ class TensorCache:
         keys = [k for k in list(self._mapped) if k in self.tensors]
         if not keys:
             return 0
+        src = self.source()
+        keys.sort(key=lambda k: src.infos[k].start)  # file order: released spans are contiguous
         self._reserve(keys, for_copy=True)
         copied = 0
+        batch: list[str] = []
         for k in keys:
             if self._stop.is_set():
                 break
@@ -189,9 +209,14 @@ class TensorCache:
             view = self.tensors[k]
             slot.copy_(view.reshape(-1))
             self.tensors[k] = slot.view(view.shape)
+            batch.append(k)
+            if len(batch) >= 64:
+                self.release(batch)
+                batch = []
             self._filled.pop(k, None)
             self._mapped.discard(k)
             copied += slot.numel() * slot.element_size()
+        self.release(batch)
         if not self._mapped:
             self._mm = None  # unmapped once the last view is gone: the file's pages leave our RSS
         return copied
@@ -378,6 +403,8 @@ class LiveSession:
                     todo.append((kp, k, sig))
                 else:
                     report.unchanged += 1
+            a_infos = self.a.source().infos
+            todo.sort(key=lambda t: a_infos[t[1]].start)  # file order: sequential reads, contiguous releases
             self.target.prepare([k for _, k, _ in todo])
             mode = plan.mode
             used = caches[: mode.models]
@@ -392,8 +419,13 @@ class LiveSession:
                     prev = self.signatures.get(k, ORIGINAL)
                     self._write(params[k], kp, k, sig, mode, used)
                     done.append((k, prev))
+                    if len(done) % 64 == 0:
+                        for c in used:
+                            c.release(k for k, _ in done[-64:])
                     if progress:
                         progress(i + 1, len(todo))
+                for c in used:
+                    c.release(k for k, _ in done[-(len(done) % 64 or 64):])
             except BaseException as e:
                 self._rollback(done, params)
                 if isinstance(e, _Mismatch):
