@@ -453,7 +453,8 @@ class LiveSession:
             for c in caches:
                 c.materialize()
 
-        self._copier = threading.Thread(target=run, name="blockmerge-cache-copy", daemon=True)
+        # not a daemon: interpreter shutdown waits for it instead of killing it inside a torch call
+        self._copier = threading.Thread(target=run, name="blockmerge-cache-copy", daemon=False)
         self._copier.start()
 
     def wait_cached(self, timeout: float | None = None) -> bool:
