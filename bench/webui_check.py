@@ -56,6 +56,9 @@ def main() -> int:
     ap = common_parser("/tmp/blockmerge-webui-check")
     ap.add_argument("--save-name", default="blockmerge-check")
     ap.add_argument("--pid", type=int, default=None, help="WebUI process id, to report its memory")
+    ap.add_argument("--warm", nargs="*", default=[], metavar="FILE",
+                    help="read these files once first, so the first merge reads B through the page cache "
+                         "(the condition of the peers' measurements)")
     args = ap.parse_args()
     u = args.url.rstrip("/")
     bm = u + "/blockmerge/v1"
@@ -79,8 +82,12 @@ def main() -> int:
     print(f"fingerprint before: {fp0['fingerprint'][:16]} ({fp0['tensors']} tensors, {s:.1f} s)")
     img0, info0 = txt2img("original")
 
+    for f in args.warm:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(1 << 24):
+                pass
     code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "preset": "GRAD_V"})
-    print(f"POST test (GRAD_V, first, cold caches): HTTP {code}, {r.get('written')} tensors, merge {r.get('seconds')} s, "
+    print(f"POST test (GRAD_V, first, cold caches{', page cache warm' if args.warm else ''}): HTTP {code}, {r.get('written')} tensors, merge {r.get('seconds')} s, "
           f"request {s:.2f} s")
     ok &= code == 200
     img1, info1 = txt2img("merged")
