@@ -88,7 +88,7 @@ def main() -> int:
                 pass
     code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "preset": "GRAD_V"})
     print(f"POST test (GRAD_V, first, cold caches{', page cache warm' if args.warm else ''}): HTTP {code}, {r.get('written')} tensors, merge {r.get('seconds')} s, "
-          f"request {s:.2f} s")
+          f"request {s:.2f} s; {r.get('timings')}")
     ok &= code == 200
     img1, info1 = txt2img("merged")
     print(f"  merged image differs from original: {img1 != img0}; infotext has BlockMerge: {'BlockMerge:' in info1}")

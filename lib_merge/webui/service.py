@@ -131,23 +131,29 @@ class Service:
                 raise Conflict(f"model_a is not the loaded checkpoint; load it first, model_a: {a_name!r}")
         recipe = to_recipe({k: v for k, v in params.items() if k not in ("output", "overwrite")},
                            self.resolve_model, model.sd_checkpoint_info.filename)
+        t_setup = time.perf_counter()
         session = self._session_for(model)
+        t_apply = time.perf_counter()
         self._progress("test merge", 0, 1)
         try:
             report = session.apply(recipe, cancel=host.interrupted,
                                    progress=lambda d, t: self._progress("test merge", d, t))
         finally:
             self._progress("idle")
+        t_done = time.perf_counter()
         if not keep_base:
             self.base_params = dict(params)
         self.live_params = dict(params) if session.is_merged else None
         self._record_sentinels()
+        timings = {"setup": round(t_apply - t_setup, 3), "merge": round(report.seconds, 3),
+                   "host_after_write": round(t_done - t_apply - report.seconds, 3),
+                   "sentinels": round(time.perf_counter() - t_done, 3)}
         msg = (f"test merge live: {report.written} tensors written, {report.unchanged} unchanged, "
                f"{report.seconds:.2f} s; the preview uses the WebUI's current VAE")
         self.last_message = msg
         return {"live": session.is_merged, "written": report.written, "unchanged": report.unchanged,
                 "seconds": round(time.perf_counter() - t0, 3), "notes": report.notes, "message": msg,
-                "recipe": self.recipe_json()}
+                "timings": timings, "recipe": self.recipe_json()}
 
     def restore(self) -> dict:
         t0 = time.perf_counter()
