@@ -13,7 +13,9 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -53,7 +55,7 @@ def ensure_loaded(u: str, a: str) -> bool:
 
 
 def main() -> int:
-    ap = common_parser("/tmp/blockmerge-webui-check")
+    ap = common_parser(os.path.join(tempfile.gettempdir(), "blockmerge-webui-check"))
     ap.add_argument("--save-name", default="blockmerge-check")
     ap.add_argument("--pid", type=int, default=None, help="WebUI process id, to report its memory")
     ap.add_argument("--warm", nargs="*", default=[], metavar="FILE",

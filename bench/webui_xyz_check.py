@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,7 +22,7 @@ from webui_check import call, common_parser, ensure_loaded  # noqa: E402
 
 
 def main() -> int:
-    args = common_parser("/tmp/blockmerge-xyz-check").parse_args()
+    args = common_parser(os.path.join(tempfile.gettempdir(), "blockmerge-xyz-check")).parse_args()
     u = args.url.rstrip("/")
     bm = u + "/blockmerge/v1"
     out = Path(args.out)

@@ -88,13 +88,25 @@ def _pickle_module(source: str) -> types.ModuleType:
     return mod
 
 
+def _load_restricted(p: Path):
+    """Our allow-list (torch's plus a stub for Lightning's ModelCheckpoint); any other global is refused.
+    ``weights_only`` cannot be combined with a custom pickle module, so the allow-list lives in ``find_class``."""
+    try:
+        return torch.load(p, map_location="cpu", pickle_module=_pickle_module(str(p)), weights_only=False)
+    except MergeError:
+        raise
+    except Exception as e:
+        raise MergeError(f"cannot read checkpoint ({e.__class__.__name__}: {str(e)[:200]}), {p}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a pickled checkpoint safely and return its flat tensor dict (``state_dict`` unwrapped)."""
     p = Path(path)
     try:
-        obj = torch.load(p, map_location="cpu", pickle_module=_pickle_module(str(p)), weights_only=False)
-    except MergeError:
-        raise
+        # torch's own allow-list first; it refuses PyTorch Lightning's callback that real SD1 files carry
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        obj = _load_restricted(p)
     except Exception as e:  # corrupt zip, truncated file, ...
         raise MergeError(f"cannot read checkpoint ({e.__class__.__name__}: {str(e)[:200]}), {p}") from None
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

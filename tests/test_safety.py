@@ -150,3 +150,12 @@ def test_missing_model_and_unknown_suffix(tmp_path, models):
     p.write_bytes(b"x")
     with pytest.raises(MergeError, match="unsupported model file type .bin2"):
         open_source(p)
+
+
+def test_plain_pt_state_dict_loads_through_weights_only(tmp_path, models):
+    sd = load_safetensors(models["sd15_b"])
+    pt = tmp_path / "plain.pt"
+    torch.save({"state_dict": sd}, pt)
+    src = open_source(pt)
+    assert set(src.infos) == set(sd) and torch.equal(src.read("model.diffusion_model.out.2.bias"),
+                                                      sd["model.diffusion_model.out.2.bias"])
