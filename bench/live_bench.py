@@ -7,7 +7,6 @@ re-merge after changing one block (OUT05), and a restore; plus the plain-torch f
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import fields
-from pathlib import Path
 
 from .errors import MergeError
 from .modes import MODES

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from .compute import merge_tensors
-from .dtypes import ITEMSIZE, ST_TO_TORCH
+from .dtypes import ST_TO_TORCH
 from .errors import MergeError, MergeInterrupted
 from .plan import KeyPlan, Plan, build_plan
 from .recipe import Recipe
@@ -74,9 +74,6 @@ class TensorCache:
         self.bytes_read = 0
         self._src: Source | None = None
         self._mm = None
-        self._slots: dict[str, torch.Tensor] = {}  # key -> typed 1-D home being filled
-        self._filled: dict[str, int] = {}  # key -> elements read so far
-        self._arenas: list = []
         self._mapped: set[str] = set()
         self._stop = threading.Event()
 
@@ -85,57 +82,27 @@ class TensorCache:
             self._src = open_source(self.id.path)
         return self._src
 
-    def reserve(self, keys: Iterable[str]) -> None:
-        """One anonymous mapping for the tensors about to be cached (fewer page faults than one per tensor)."""
-        self._reserve(keys)
-
-    def _reserve(self, keys: Iterable[str], for_copy: bool = False) -> None:
-        src = self.source()
-        if self.device != "cpu" or not hasattr(src, "data_start") or not for_copy:
-            return
-        need = [(k, src.infos[k]) for k in keys
-                if (for_copy or k not in self.tensors) and k not in self._slots and k in src.infos]
-        total = sum((i.nbytes + 63) // 64 * 64 for _, i in need)
-        if total == 0:
-            return
-        mm = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    @staticmethod
+    def _arena(sizes: list[int]) -> list[torch.Tensor]:
+        """One anonymous mapping cut into uint8 slots of ``sizes`` bytes (transparent huge pages where allowed,
+        faulted in at once): far fewer page faults than one allocation per tensor."""
+        total = sum((n + 63) // 64 * 64 for n in sizes)
+        mm = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         for advice in (getattr(mmap, "MADV_HUGEPAGE", None), MADV_POPULATE_WRITE):
-            if advice is not None:  # huge pages, then fault them all in at once: ~4x faster than page by page
+            if advice is not None:
                 try:
                     mm.madvise(advice)
                 except (OSError, ValueError):
                     pass
-        arena = torch.frombuffer(mm, dtype=torch.uint8)
-        off = 0
-        for k, info in need:
-            self._slots[k] = arena[off:off + info.nbytes].view(ST_TO_TORCH[info.dtype])
-            self._filled[k] = 0
-            off += (info.nbytes + 63) // 64 * 64
-        self._arenas.append(mm)
-
-    def _fill(self, key: str, upto: int) -> None:
-        src = self.source()
-        info = src.infos[key]
-        done = self._filled[key]
-        if upto > done:
-            slot = self._slots[key]
-            raw = slot[done:upto].view(torch.uint8)
-            src.read_bytes_into(key, raw, done, upto - done)
-            self.bytes_read += (upto - done) * ITEMSIZE[info.dtype]
-            self._filled[key] = upto
-        if self._filled[key] == info.numel:
-            self.tensors[key] = self._slots.pop(key).view(info.shape)
-            del self._filled[key]
+        arena = torch.frombuffer(mm, dtype=torch.uint8)  # the views keep the mapping alive
+        slots, off = [], 0
+        for n in sizes:
+            slots.append(arena[off:off + n])
+            off += (n + 63) // 64 * 64
+        return slots
 
     def chunk(self, key: str, start: int, end: int) -> torch.Tensor:
         """Elements [start, end) of ``key`` (flattened), reading them now if they are not cached yet."""
-        t = self.tensors.get(key)
-        if t is not None:
-            return t.reshape(-1)[start:end]
-        if key in self._slots:
-            slot = self._slots[key]
-            self._fill(key, end)
-            return slot[start:end]
         return self.get(key).reshape(-1)[start:end]
 
     def get(self, key: str) -> torch.Tensor:
@@ -146,9 +113,6 @@ class TensorCache:
         info = src.infos.get(key)
         if info is None:
             raise MergeError(f"key not found, {src.path} key {key}")
-        if key in self._slots:
-            self._fill(key, info.numel)
-            return self.tensors[key]
         if self.device in ("mmap", "cpu") and hasattr(src, "data_start"):
             t = self._mmap_view(info)
             self._mapped.add(key)
@@ -197,23 +161,20 @@ class TensorCache:
             return 0
         src = self.source()
         keys.sort(key=lambda k: src.infos[k].start)  # file order: released spans are contiguous
-        self._reserve(keys, for_copy=True)
+        slots = self._arena([src.infos[k].nbytes for k in keys])
         copied = 0
         batch: list[str] = []
-        for k in keys:
+        for k, raw in zip(keys, slots):
             if self._stop.is_set():
                 break
-            slot = self._slots.pop(k, None)
-            if slot is None:
-                continue
             view = self.tensors[k]
+            slot = raw.view(view.dtype)
             slot.copy_(view.reshape(-1))
             self.tensors[k] = slot.view(view.shape)
             batch.append(k)
             if len(batch) >= 64:
                 self.release(batch)
                 batch = []
-            self._filled.pop(k, None)
             self._mapped.discard(k)
             copied += slot.numel() * slot.element_size()
         self.release(batch)
@@ -234,9 +195,6 @@ class TensorCache:
             self._src = None
         self.tensors.clear()
         self._mapped.clear()
-        self._slots.clear()
-        self._filled.clear()
-        self._arenas.clear()  # the mappings are freed once no tensor views them
         self._mm = None
 
 
@@ -408,9 +366,6 @@ class LiveSession:
             self.target.prepare([k for _, k, _ in todo])
             mode = plan.mode
             used = caches[: mode.models]
-            self.a.reserve(k for _, k, _ in todo)
-            for c in used[1:]:
-                c.reserve(k for _, k, sig in todo if sig != ORIGINAL)
             done: list[tuple[str, Signature]] = []
             try:
                 for i, (kp, k, sig) in enumerate(todo):

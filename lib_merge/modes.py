@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from .errors import MergeError

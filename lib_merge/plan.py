@@ -203,11 +203,10 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
                     raise MergeError(f"--vae b: model B has no VAE key {key}, {sources[1].path}")
                 plan("copy_b", od=out_dtype(binfo), shape=binfo.shape)
             continue
-        if part != "vae" or recipe.vae == "merge":
-            selected = (include is None or include(key, block)) and not (exclude is not None and exclude(key, block))
-            if not selected:
-                plan("copy_a")
-                continue
+        selected = (include is None or include(key, block)) and not (exclude is not None and exclude(key, block))
+        if not selected:
+            plan("copy_a")
+            continue
         missing = [s for s in others if key not in s.infos]
         if missing:
             report.only_a.append(key)

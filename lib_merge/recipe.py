@@ -8,7 +8,7 @@ from typing import Any
 
 from .dtypes import OUTPUT_DTYPES
 from .errors import MergeError
-from .modes import MODES, get_mode
+from .modes import get_mode
 
 RECIPE_VERSION = 1
 VAE_CHOICES = ("merge", "a", "b")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 import weakref
 from dataclasses import asdict
@@ -17,12 +16,10 @@ from typing import Any
 
 import torch
 
-from .. import hashing
 from ..arch import ARCHS, block_of
 from ..errors import MergeError
 from ..live import LiveSession
 from ..merge import merge_to_file
-from ..recipe import Recipe
 from . import host
 from .names import output_path
 from .params import to_recipe
@@ -47,7 +44,6 @@ class Service:
         self.sentinels: dict[str, torch.Tensor] = {}
         self.file_bytes_read: dict[str, int] = {}
         self.last_message = ""
-        self.guard = threading.Lock()
         self.xyz_failure: str | None = None
         self.xyz_cells: list[dict] = []
 
@@ -188,10 +184,9 @@ class Service:
         protected = [os.path.realpath(m) for m in recipe.models] + ([os.path.realpath(loaded_path)] if loaded_path else [])
         if os.path.realpath(out) in protected:
             raise MergeError(f"will not overwrite the loaded checkpoint or an input of the merge, output: {out.name}")
-        device = "cpu"
+        device = "cpu"  # saves of a live merge compute on the live merge's device type (same numbers)
         if params is None and self.session is not None:
-            dev = next(iter(self.session.target.params().values())).device
-            device = dev.type if dev.type != "cpu" else "cpu"
+            device = next(iter(self.session.target.params().values())).device.type
         self._progress("saving", 0, 1)
         try:
             res = merge_to_file(recipe, out, overwrite=bool(overwrite), device=device, cancel=host.interrupted,

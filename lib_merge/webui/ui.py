@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from .. import presets
-from ..arch import ARCHS, SD1_BLOCKS, SDXL_BLOCKS
+from ..arch import ARCHS, SD1_BLOCKS
 from ..errors import MergeError
 from ..modes import MODES
 from ..weights import format_vector, parse_weights
