@@ -109,6 +109,7 @@ def warm(*paths: Path) -> None:
 def build_inputs(arch: str, d: Path) -> tuple[Path, Path]:
     from lib_merge import synthetic
     listing = synthetic.load_listing(arch)
+    d.mkdir(parents=True, exist_ok=True)
     paths = []
     for seed, name in ((1, "A"), (2, "B")):
         p = d / f"{arch}_{name}.safetensors"

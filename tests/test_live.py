@@ -165,6 +165,42 @@ def test_loaded_model_differs_from_file_is_refused(live, models):
         session.apply(recipe(models))
 
 
+def test_check_is_bitwise_zero_sign_counts(live, models):
+    """-0.0 == +0.0 as floats, but a restore would then not be bit-exact: the check compares bits."""
+    session, target, module = live
+    name, p = next(iter(module.named_parameters()))
+    with torch.no_grad():
+        p.view(-1)[0] = 0.0
+    a = load(models["sd15_a"])
+    a[name].view(-1)[0] = -0.0
+    from safetensors.torch import save_file
+    path = models["sd15_a"].parent / "zero_sign.safetensors"
+    save_file(a, str(path))
+    session = LiveSession(target, path)
+    with pytest.raises(MergeError, match=f"loaded model differs from its file at {name}; reload it"):
+        session.apply(Recipe(models=[str(path), str(models["sd15_b"])]))
+    assert p.view(-1)[0].item() == 0.0 and not torch.signbit(p.view(-1)[0])
+
+
+def test_nan_weights_in_a_merge_and_restore_bit_exact(live, models, tmp_path):
+    """A float comparison would call a NaN weight a mismatch; the bitwise check accepts the loaded copy."""
+    session, target, module = live
+    name, p = next(iter(module.named_parameters()))
+    a = load(models["sd15_a"])
+    a[name].view(-1)[:3] = float("nan")
+    from safetensors.torch import save_file
+    path = tmp_path / "nan.safetensors"
+    save_file(a, str(path))
+    with torch.no_grad():
+        p.view(-1)[:3] = float("nan")
+    before = fingerprint(dict(module.named_parameters()))
+    session = LiveSession(target, path)
+    session.apply(Recipe(models=[str(path), str(models["sd15_b"])]))
+    assert fingerprint(dict(module.named_parameters())) != before
+    session.restore()
+    assert fingerprint(dict(module.named_parameters())) == before
+
+
 def test_model_a_must_be_loaded_checkpoint(live, models):
     session, target, module = live
     with pytest.raises(MergeError, match="model A of a test merge must be the loaded checkpoint"):
