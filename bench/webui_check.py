@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +36,43 @@ def call(url: str, method: str = "GET", body: dict | None = None, timeout: float
     return code, out, time.perf_counter() - t
 
 
+def proc_memory(pid: int) -> dict[str, int]:
+    mem = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:", "RssFile:")):
+                mem[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return mem
+
+
+class MemorySampler:
+    """Samples a process's VmRSS / RssAnon / RssFile every 20 ms and keeps each phase's peaks."""
+
+    def __init__(self, pid: int):
+        self.pid, self.phase, self.peaks = pid, "start", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                mem = proc_memory(self.pid)
+            except OSError:
+                return
+            peak = self.peaks.setdefault(self.phase, {})
+            for k in ("VmRSS", "RssAnon", "RssFile"):
+                peak[k] = max(peak.get(k, 0), mem.get(k, 0))
+            time.sleep(0.02)
+
+    def report(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        print("WebUI memory peaks by step (sampled every 20 ms):")
+        for phase, peak in self.peaks.items():
+            print(f"  {phase:<28} " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in peak.items()))
+
+
 def common_parser(out_default: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:7860")
@@ -46,7 +84,11 @@ def common_parser(out_default: str) -> argparse.ArgumentParser:
 
 def ensure_loaded(u: str, a: str) -> bool:
     """Load checkpoint ``a`` (and render once, which loads the model) unless it is loaded. True if it loaded."""
-    code, st, _ = call(u + "/blockmerge/v1/status")
+    for _ in range(120):  # the WebUI loads its checkpoint in the background at startup: wait for it
+        code, st, _ = call(u + "/blockmerge/v1/status")
+        if st.get("loaded"):
+            break
+        time.sleep(1)
     if st.get("loaded") and st["loaded"].startswith(a):
         return False
     code, r, s = call(u + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": a})
@@ -68,6 +110,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     ok = True
 
+    sampler = MemorySampler(args.pid) if args.pid else None
+    if args.pid:
+        print("WebUI process memory at the start: " + ", ".join(f"{k} {v / 1e9:.2f} GB"
+                                                            for k, v in proc_memory(args.pid).items()))
+
+    def phase(name: str) -> None:
+        if sampler:
+            sampler.phase = name
+
     def txt2img(tag):
         code, r, s = call(u + "/sdapi/v1/txt2img", "POST", {"prompt": "a cat", "seed": 1, "steps": 2, "width": 64,
                                                           "height": 64, "sampler_name": "Euler"})
@@ -78,8 +129,11 @@ def main() -> int:
         print(f"txt2img {tag}: {s:.1f} s, image sha256 {hashlib.sha256(png).hexdigest()[:12]}")
         return png, info
 
+    phase("load + warmup")
     if ensure_loaded(u, args.a):
         txt2img("warmup")
+    phase("txt2img original")
+    phase("fingerprint")
     code, fp0, s = call(bm + "/fingerprint")
     print(f"fingerprint before: {fp0['fingerprint'][:16]} ({fp0['tensors']} tensors, {s:.1f} s)")
     img0, info0 = txt2img("original")
@@ -88,10 +142,12 @@ def main() -> int:
         with open(f, "rb", buffering=0) as fh:
             while fh.read(1 << 24):
                 pass
+    phase("first test merge")
     code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "preset": "GRAD_V"})
     print(f"POST test (GRAD_V, first, cold caches{', page cache warm' if args.warm else ''}): HTTP {code}, {r.get('written')} tensors, merge {r.get('seconds')} s, "
           f"request {s:.2f} s; {r.get('timings')}")
     ok &= code == 200
+    phase("txt2img merged")
     img1, info1 = txt2img("merged")
     print(f"  merged image differs from original: {img1 != img0}; infotext has BlockMerge: {'BlockMerge:' in info1}")
     ok &= img1 != img0 and "BlockMerge:" in info1
@@ -100,11 +156,14 @@ def main() -> int:
            0.25, 0.1666666667, 0.0833333333, 0, 0.0833333333, 0.1666666667, 0.25, 0.3333333333, 0.4166666667, 0.5,
            0.5833333333, 0.6666666667, 0.75, 0.8333333333, 0.9166666667, 1.0]
     vec[19] = 0.9  # OUT05
+    phase("re-merge OUT05")
     code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "weights": ",".join(map(str, vec))})
     print(f"POST test (OUT05 changed): HTTP {code}, {r.get('written')} tensors written, {r.get('unchanged')} unchanged, "
           f"merge {r.get('seconds')} s")
+    phase("fingerprint")
     code, fp_live, _ = call(bm + "/fingerprint")
 
+    phase("save")
     code, r, s = call(bm + "/save", "POST", {"output": args.save_name, "dtype": "fp32", "overwrite": True})
     print(f"POST save (fp32): HTTP {code}, {r.get('name')} [{r.get('short_hash')}] in {s:.1f} s")
     ok &= code == 200
@@ -121,22 +180,23 @@ def main() -> int:
     code, models, _ = call(u + "/sdapi/v1/sd-models")
     print(f"  registered in the checkpoint list: {any(m['model_name'] == args.save_name for m in models)}")
 
+    phase("restore")
     code, r, s = call(bm + "/restore", "POST", {})
     print(f"POST restore: HTTP {code}, {r.get('restored')} tensors, {r.get('seconds')} s")
+    phase("fingerprint")
     code, fp1, _ = call(bm + "/fingerprint")
     print(f"fingerprint after restore: {fp1['fingerprint'][:16]}  bit-exact: {fp1['fingerprint'] == fp0['fingerprint']}")
     ok &= fp1["fingerprint"] == fp0["fingerprint"]
+    phase("txt2img restored")
     img2, info2 = txt2img("restored")
     print(f"  restored image identical to original: {img2 == img0}; BlockMerge in infotext: {'BlockMerge:' in info2}")
     ok &= img2 == img0 and "BlockMerge:" not in info2
     code, st, _ = call(bm + "/status")
     print("source bytes read:", {Path(k).name: v for k, v in st["bytes_read"].items()})
-    if args.pid:
-        mem = {}
-        for line in open(f"/proc/{args.pid}/status"):
-            if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:")):
-                mem[line.split(":")[0]] = int(line.split()[1]) * 1024
-        print("WebUI process memory: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items()))
+    if sampler:
+        sampler.report()
+        print("WebUI process memory at the end: " + ", ".join(f"{k} {v / 1e9:.2f} GB"
+                                                          for k, v in proc_memory(args.pid).items()))
     print("ALL OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -101,34 +101,46 @@ class TensorCache:
         """Elements [start, end) of ``key`` (flattened), reading them now if they are not cached yet."""
         return self.get(key).reshape(-1)[start:end]
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, populate: bool = True) -> torch.Tensor:
+        """``key`` from the cache, reading (mapping) it now if needed. ``populate``: map its pages now."""
         t = self.tensors.get(key)
         if t is not None:
             return t
+        t = self.peek(key, populate)
+        if self._mappable():
+            self._mapped.add(key)
+        elif self.device not in ("cpu", "mmap"):
+            t = t.to(self.device)
+        self.tensors[key] = t
+        return t
+
+    def peek(self, key: str, populate: bool = True) -> torch.Tensor:
+        """``key`` read from the file (a mapped view where possible) without keeping it in the cache."""
         src = self.source()
         info = src.infos.get(key)
         if info is None:
             raise MergeError(f"key not found, {src.path} key {key}")
-        if self.device in ("mmap", "cpu") and hasattr(src, "data_start"):
-            t = self._mmap_view(info)
-            self._mapped.add(key)
-            self.bytes_read += info.nbytes
-        else:
-            t = src.read(key)
-            self.bytes_read += info.nbytes
-            if self.device not in ("cpu", "mmap"):
-                t = t.to(self.device)
-        self.tensors[key] = t
-        return t
+        self.bytes_read += info.nbytes
+        return self._mmap_view(info, populate) if self._mappable() else src.read(key)
 
-    def _mmap_view(self, info) -> torch.Tensor:
+    def put(self, key: str, t: torch.Tensor) -> None:
+        """Cache ``t`` as ``key``'s file tensor (the caller guarantees it holds the file's exact values)."""
+        if self.device not in ("cpu", "mmap"):
+            t = t.to(self.device)
+        self.tensors[key] = t
+
+    def _mappable(self) -> bool:
+        return self.device in ("mmap", "cpu") and hasattr(self.source(), "data_start")
+
+    def _mmap_view(self, info, populate: bool = True) -> torch.Tensor:
         if self._mm is None:
             with open(self.id.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only buffer: never written through these views
             t = torch.frombuffer(self._mm, dtype=ST_TO_TORCH[info.dtype], count=info.numel, offset=info.start)
-        pages.advise(t, pages.POPULATE_READ)  # one call maps the tensor's cached pages: no fault per page
+        if populate:
+            pages.advise(t, pages.POPULATE_READ)  # one call maps the tensor's cached pages: no fault per page
         return t.reshape(info.shape)
 
     def release(self, keys: Iterable[str]) -> None:
@@ -274,6 +286,30 @@ class LiveSession:
             raise _Mismatch(key)
         return ready
 
+    def _verify(self, key: str, param: torch.Tensor) -> None:
+        """First request only, for a key it leaves untouched: check the live weight against A's file without
+        caching A (the live weight itself holds A's values while the key is not merged)."""
+        with torch.no_grad():
+            a = self.a.peek(key).reshape(-1)
+            flat = param.view(-1)
+            scratch = self._scratch(param.device)[0]
+            for s0 in range(0, flat.numel(), CHUNK):
+                e0 = min(flat.numel(), s0 + CHUNK)
+                self._check(key, a[s0:e0], flat[s0:e0], scratch)
+        self.verified.add(key)
+
+    def _ensure_a(self, key: str, param: torch.Tensor) -> None:
+        """Before a verified key's first write: cache A's values, taken from the live weight (it still holds
+        them, bit-checked at the first request) when the cast back to the file dtype is exact; else from the file."""
+        if key in self.a.tensors or key not in self.verified:
+            return
+        file_dtype = ST_TO_TORCH[self.a.source().infos[key].dtype]
+        if self.cache_device != "mmap" and _widens(file_dtype, param.dtype):
+            self.a.put(key, param.detach().to(device="cpu" if self.cache_device == "cpu" else param.device,
+                                              dtype=file_dtype, copy=True))
+        else:
+            self.a.get(key)
+
     def _write(self, param: torch.Tensor, kp: KeyPlan | None, key: str, sig: Signature, mode,
                caches: list[TensorCache]) -> None:
         """Put into ``param`` the value ``sig`` stands for (computed in fp32, cast once by ``copy_``).
@@ -282,6 +318,7 @@ class LiveSession:
         mismatch the chunks already written are put back from A's cache (exact: they were checked equal).
         """
         check = key not in self.verified
+        self._ensure_a(key, param)
         with torch.no_grad():
             flat = param.view(-1)
             n = flat.numel()
@@ -322,8 +359,8 @@ class LiveSession:
 
     @staticmethod
     def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple) -> Signature:
-        if kp is None or kp.action != "merge" or plan.mode.models == 1:
-            return ORIGINAL
+        if kp is None or kp.action != "merge" or plan.mode.is_identity(kp.alpha, kp.beta):
+            return ORIGINAL  # the live weight already holds A: nothing to write, nothing to cache
         beta = kp.beta if plan.mode.uses_beta else None
         return (plan.mode.name, ids[: plan.mode.models], kp.alpha, beta, kp.channels)
 
@@ -349,7 +386,7 @@ class LiveSession:
             params = self.target.params()
             by_key = plan.by_key()
             report = ApplyReport()
-            todo: list[tuple[KeyPlan | None, str, Signature]] = []
+            todo: list[tuple[KeyPlan | None, str, Signature | None]] = []  # sig None: only verify
             for k in self.keys:
                 kp = by_key.get(k)
                 sig = self._signature(plan, kp, ids)
@@ -357,26 +394,34 @@ class LiveSession:
                     todo.append((kp, k, sig))
                 else:
                     report.unchanged += 1
+                    if k not in self.verified:
+                        todo.append((kp, k, None))
             a_infos = self.a.source().infos
             todo.sort(key=lambda t: a_infos[t[1]].start)  # file order: sequential reads, contiguous releases
             self.target.prepare([k for _, k, _ in todo])
             mode = plan.mode
             used = caches[: mode.models]
             done: list[tuple[str, Signature]] = []
+            touched: list[str] = []
             try:
                 for i, (kp, k, sig) in enumerate(todo):
                     if cancel and cancel():
                         raise MergeInterrupted("test merge interrupted; the previous weights are back")
-                    prev = self.signatures.get(k, ORIGINAL)
-                    self._write(params[k], kp, k, sig, mode, used)
-                    done.append((k, prev))
-                    if len(done) % 64 == 0:
+                    if sig is None:
+                        self._verify(k, params[k])
+                    else:
+                        prev = self.signatures.get(k, ORIGINAL)
+                        self._write(params[k], kp, k, sig, mode, used)
+                        done.append((k, prev))
+                    touched.append(k)
+                    if len(touched) % 64 == 0:
                         for c in used:
-                            c.release(k for k, _ in done[-64:])
+                            c.release(touched[-64:])
                     if progress:
                         progress(i + 1, len(todo))
                 for c in used:
-                    c.release(k for k, _ in done[-(len(done) % 64 or 64):])
+                    c.release(touched[-(len(touched) % 64 or 64):])
+                self._prefetch(used[1:])
             except BaseException as e:
                 self._rollback(done, params)
                 if isinstance(e, _Mismatch):
@@ -386,11 +431,21 @@ class LiveSession:
                 self.target.written([k for k, _ in done])
             self.recipe, self.plan, self._prev = recipe, plan, (plan, used)
             self._materialize_later()
-            report.written = len(todo)
+            report.written = len(done)
             report.seconds = time.perf_counter() - t0
             report.bytes_read = sum(self.bytes_read().values()) - before
             report.notes = plan.report.lines()
             return report
+
+    def _prefetch(self, caches: list[TensorCache]) -> None:
+        """Cache B's (and C's) tensors that this request did not need, so that no later re-merge reads a file:
+        ``cpu`` maps them now (cheap) and copies them into RAM in the background; a GPU cache reads them now."""
+        if self.cache_device == "mmap":
+            return
+        for c in caches:
+            for k in self.keys:
+                if k not in c.tensors and k in c.source().infos:
+                    c.get(k, populate=False)
 
     def _materialize_later(self) -> None:
         """``cpu`` caches: copy what the merge mapped into RAM in the background (once per new batch of keys)."""
@@ -440,7 +495,8 @@ class LiveSession:
 
     @property
     def is_merged(self) -> bool:
-        return bool(self.signatures)
+        """A recipe is applied (even one that leaves every weight at A's value, e.g. alpha 0)."""
+        return self.recipe is not None
 
     def close(self) -> None:
         for c in [self.a, *self.others.values()]:
@@ -451,6 +507,12 @@ class LiveSession:
         for c in self.others.values():
             c.close()
         self.others.clear()
+
+
+def _widens(file_dtype: torch.dtype, live_dtype: torch.dtype) -> bool:
+    """Every value of ``file_dtype`` survives a cast to ``live_dtype`` and back."""
+    return file_dtype == live_dtype or (live_dtype == torch.float32 and file_dtype.is_floating_point
+                                        and torch.finfo(file_dtype).bits < 32)
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -476,5 +538,6 @@ def fingerprint(params: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()

@@ -27,16 +27,23 @@ class Mode:
     formula: str
     fn: ModeFn
     check_ratio: Callable[[float], Optional[str]] | None = None
+    keeps_a: Callable[[float, float], bool] | None = None  # True where fn returns A untouched (its shortcut)
+
+    def is_identity(self, alpha: float, beta: float) -> bool:
+        """The result is A itself for these ratios: a live merge need not touch (or cache) the key."""
+        return self.models == 1 or (self.keeps_a is not None and self.keeps_a(alpha, beta))
 
 
 MODES: dict[str, Mode] = {}
 
 
 def mode(name: str, models: int, formula: str, uses_beta: bool = False, elementwise: bool = True,
-         check_ratio: Callable[[float], Optional[str]] | None = None):
-    """Register a merge mode under ``name``."""
+         check_ratio: Callable[[float], Optional[str]] | None = None,
+         keeps_a: Callable[[float, float], bool] | None = None):
+    """Register a merge mode under ``name``. ``keeps_a(alpha, beta)`` must be True exactly where the function
+    returns its ``a`` input unchanged."""
     def deco(fn: ModeFn) -> ModeFn:
-        MODES[name] = Mode(name, models, uses_beta, elementwise, formula, fn, check_ratio)
+        MODES[name] = Mode(name, models, uses_beta, elementwise, formula, fn, check_ratio, keeps_a)
         return fn
     return deco
 
@@ -61,19 +68,27 @@ def no_interpolation(a, b, c, alpha, beta):
     return a
 
 
-@mode("weighted_sum", 2, "(1 - alpha) * A + alpha * B")
+def _alpha_zero(alpha: float, beta: float) -> bool:
+    return alpha == 0.0
+
+
+def _both_zero(alpha: float, beta: float) -> bool:
+    return alpha == 0.0 and beta == 0.0
+
+
+@mode("weighted_sum", 2, "(1 - alpha) * A + alpha * B", keeps_a=_alpha_zero)
 def weighted_sum(a, b, c, alpha, beta):
     return _lerp(a, b, alpha)
 
 
-@mode("add_difference", 3, "A + alpha * (B - C)")
+@mode("add_difference", 3, "A + alpha * (B - C)", keeps_a=_alpha_zero)
 def add_difference(a, b, c, alpha, beta):
     if alpha == 0.0:
         return a
     return a.add_(b.sub_(c), alpha=alpha)
 
 
-@mode("triple_sum", 3, "(1 - alpha - beta) * A + alpha * B + beta * C", uses_beta=True)
+@mode("triple_sum", 3, "(1 - alpha - beta) * A + alpha * B + beta * C", uses_beta=True, keeps_a=_both_zero)
 def triple_sum(a, b, c, alpha, beta):
     if alpha == 0.0 and beta == 0.0:
         return a
@@ -82,7 +97,8 @@ def triple_sum(a, b, c, alpha, beta):
     return out.add_(c, alpha=beta)
 
 
-@mode("sum_twice", 3, "(1 - beta) * ((1 - alpha) * A + alpha * B) + beta * C", uses_beta=True)
+@mode("sum_twice", 3, "(1 - beta) * ((1 - alpha) * A + alpha * B) + beta * C", uses_beta=True,
+      keeps_a=_both_zero)
 def sum_twice(a, b, c, alpha, beta):
     return _lerp(_lerp(a, b, alpha), c, beta)
 
@@ -96,14 +112,17 @@ def sigmoid_ratio(t: float) -> float:
 
 
 def inv_sigmoid_ratio(t: float) -> float:
+    if t in (0.0, 1.0):
+        return t  # exact at the ends (the formula gives 5.6e-17 at 0)
     return 0.5 - math.sin(math.asin(1.0 - 2.0 * t) / 3.0)
 
 
-@mode("sigmoid", 2, "A + (B - A) * t', t' = t²(3 - 2t)")
+@mode("sigmoid", 2, "A + (B - A) * t', t' = t²(3 - 2t)", keeps_a=lambda alpha, beta: sigmoid_ratio(alpha) == 0.0)
 def sigmoid(a, b, c, alpha, beta):
     return _lerp(a, b, sigmoid_ratio(alpha))
 
 
-@mode("inv_sigmoid", 2, "A + (B - A) * t', t' = 0.5 - sin(asin(1 - 2t) / 3)", check_ratio=_unit_check)
+@mode("inv_sigmoid", 2, "A + (B - A) * t', t' = 0.5 - sin(asin(1 - 2t) / 3)", check_ratio=_unit_check,
+      keeps_a=lambda alpha, beta: inv_sigmoid_ratio(alpha) == 0.0)
 def inv_sigmoid(a, b, c, alpha, beta):
     return _lerp(a, b, inv_sigmoid_ratio(alpha))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import load
+from lib_merge import presets
 from lib_merge import synthetic as S
 from lib_merge.arch import ARCHS, block_of
 from lib_merge.errors import MergeError, MergeInterrupted
@@ -47,12 +48,54 @@ def test_merge_then_restore_is_bit_exact(live, models):
     session, target, module = live
     before = fingerprint(dict(module.named_parameters()))
     rep = session.apply(recipe(models, preset="GRAD_V"))
-    assert rep.written == len(session.keys)
+    grad_v = presets.resolve("GRAD_V", ARCHS["sd1"])
+    moved = [k for k in session.keys if grad_v[SD1_IDX[block_of(k, ARCHS["sd1"])]] != 0]
+    assert 0 < len(moved) < len(session.keys)
+    assert rep.written == len(moved) and rep.unchanged == len(session.keys) - len(moved)
     assert fingerprint(dict(module.named_parameters())) != before
     assert session.is_merged
     n = session.restore()
     assert n > 0 and not session.is_merged
     assert fingerprint(dict(module.named_parameters())) == before
+
+
+def test_ratio_zero_keys_are_checked_not_written_and_later_merges_read_no_file(live, models):
+    """GRAD_V puts BASE and M00 at 0: those keys stay A (not written, A not cached: the live weight holds it),
+    B is still cached for them, and a later recipe that moves them reads no file and equals a fresh merge."""
+    session, target, module = live
+    params = dict(module.named_parameters())
+    m00 = [k for k in session.keys if block_of(k, ARCHS["sd1"]) in ("M00", "BASE")]
+    before = {k: params[k].detach().clone() for k in m00}
+    session.apply(recipe(models, preset="GRAD_V"))
+    assert session.wait_cached(60)
+    assert set(session.verified) == set(session.keys)  # every key was checked against A's file
+    assert all(torch.equal(params[k], before[k]) for k in m00)
+    assert not any(k in session.a.tensors for k in m00)
+    assert all(k in session.others[str(models["sd15_b"].resolve())].tensors for k in m00)
+    reads = dict(session.bytes_read())
+    rep = session.apply(recipe(models, alpha=0.5))
+    grad_v = presets.resolve("GRAD_V", ARCHS["sd1"])
+    at_half = [k for k in session.keys if grad_v[SD1_IDX[block_of(k, ARCHS["sd1"])]] == 0.5]  # IN06, OUT05
+    assert rep.written == len(session.keys) - len(at_half) and rep.unchanged == len(at_half)
+    assert session.bytes_read() == reads and rep.bytes_read == 0
+    fresh_module = S.build_module(S.tiny(S.load_listing("sd15")), dtype=torch.float32)
+    S.load_into(fresh_module, models["sd15_a"])
+    LiveSession(ModuleTarget(fresh_module), models["sd15_a"]).apply(recipe(models, alpha=0.5))
+    assert fingerprint(params) == fingerprint(dict(fresh_module.named_parameters()))
+    session.restore()
+    assert all(torch.equal(params[k], before[k]) for k in m00)
+
+
+def test_mismatch_in_an_unwritten_key_is_still_refused(live, models):
+    session, target, module = live
+    key = next(k for k in session.keys if block_of(k, ARCHS["sd1"]) == "M00")
+    before = fingerprint(dict(module.named_parameters()))
+    with torch.no_grad():
+        dict(module.named_parameters())[key].view(-1)[0] += 1.0
+    changed = fingerprint(dict(module.named_parameters()))
+    with pytest.raises(MergeError, match=f"loaded model differs from its file at {key}; reload it"):
+        session.apply(recipe(models, preset="GRAD_V"))
+    assert fingerprint(dict(module.named_parameters())) == changed != before  # nothing else was left merged
 
 
 def test_cpu_cache_is_copied_into_ram_after_the_first_merge(live, models, tmp_path):

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from lib_merge.modes import MODES
+
 from conftest import f32, load
 from lib_merge import presets
 from lib_merge.arch import ARCHS, block_of
@@ -73,6 +75,21 @@ def test_no_interpolation_copies_a_bit_exact(models, out_dir):
     run(models, ["sd15_a"], out, mode="no_interpolation")
     A, O = load(models["sd15_a"]), load(out)
     assert set(A) == set(O) and all(torch.equal(A[k], O[k]) for k in A)
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_identity_ratios_give_a_bit_exact(name):
+    """The live sink skips keys where ``is_identity``: the formula must yield A itself there (ratio 0 for every
+    mode), and must not where a ratio moves the weights."""
+    m = MODES[name]
+    g = torch.Generator().manual_seed(0)
+    assert m.is_identity(0.0, 0.0)
+    for alpha in (0.0, 0.3, 1.0):
+        for beta in (0.0, 0.2):
+            a, b, c = (torch.randn(64, generator=g) for _ in range(3))
+            a0 = a.clone()
+            out = m.fn(a, b if m.models > 1 else None, c if m.models > 2 else None, alpha, beta)
+            assert m.is_identity(alpha, beta) == torch.equal(out, a0), (name, alpha, beta)
 
 
 def test_mode_wrong_model_count(models, out_dir):

@@ -50,7 +50,8 @@ def test_test_merge_then_restore_bit_exact(webui):
     svc, model = webui["svc"], webui["model"]
     before = live_fp(model)
     res = svc.test_merge({"model_b": "synthB", "preset": "GRAD_V"})
-    assert res["live"] and res["written"] == 882  # UNet + text-encoder parameters of SD1.5
+    # SD1.5 has 882 UNet + text-encoder parameters; GRAD_V leaves BASE and M00 at 0 (A's weights: not written)
+    assert res["live"] and res["written"] + res["unchanged"] == 882 and 600 < res["written"] < 882
     assert live_fp(model) != before
     out = svc.restore()
     assert out["restored"] == res["written"]

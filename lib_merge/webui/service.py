@@ -108,9 +108,7 @@ class Service:
         arch = ARCHS.get(s.plan.arch.name) if s.plan else ARCHS["sd1"]
         params = s.target.params()
         best: dict[str, str] = {}
-        for k, sig in s.signatures.items():
-            if False:
-                continue
+        for k in s.signatures:
             b = block_of(k, arch)
             if b not in best or params[k].numel() < params[best[b]].numel():
                 best[b] = k
