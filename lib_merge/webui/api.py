@@ -78,9 +78,11 @@ def add_routes(app) -> None:
             if takes_body and not isinstance(body, dict):
                 return _error_response(422, "the request body must be a JSON object")
             t0 = time.perf_counter()
+            waited = 0.0
             try:
                 if lock:
                     with host.queue_lock():
+                        waited = time.perf_counter() - t0  # behind a generation or another request
                         st = host.state()
                         st.begin(job="blockmerge")
                         try:
@@ -92,6 +94,8 @@ def add_routes(app) -> None:
             except MergeError as e:
                 return _error_response(status_for(e), str(e))
             out.setdefault("seconds", round(time.perf_counter() - t0, 3))
+            if lock:
+                out["queue_wait"] = round(waited, 3)
             return JSONResponse(content=out)
 
         if takes_body:
