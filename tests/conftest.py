@@ -1,7 +1,6 @@
 """Shared fixtures: tiny checkpoints with the exact real key names of SD1.5 / SD2 / SDXL."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

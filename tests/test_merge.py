@@ -1,6 +1,5 @@
 """End-to-end file merges on tiny checkpoints with the real key names, checked against the formulas."""
 import json
-import math
 
 import pytest
 import torch
@@ -350,7 +349,6 @@ def test_same_recipe_same_bytes(models, out_dir):
 
 
 def test_reproduce_identical(models, out_dir, tmp_path):
-    import shutil
     from lib_merge.reproduce import reproduce
     out = out_dir / "m.safetensors"
     run(models, ["sd15_a", "sd15_b", "sd15_c"], out, mode="add_difference", alpha=0.7, elemental="IN01::0.1")

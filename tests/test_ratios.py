@@ -1,5 +1,4 @@
 """Weight strings, presets and elemental rules."""
-import os
 
 import pytest
 

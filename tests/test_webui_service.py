@@ -1,8 +1,5 @@
 """The WebUI adapter against a stand-in of the WebUI modules (tests/webui_stub) with a real torch model that
 holds the real SD1.5 key names (tiny shapes), the text encoder renamed by the hijack as in the real WebUI."""
-import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -61,7 +58,7 @@ def test_test_merge_then_restore_bit_exact(webui):
 
 def test_remerge_one_block_writes_only_that_block(webui):
     from lib_merge.arch import ARCHS, block_of
-    svc, model = webui["svc"], webui["model"]
+    svc = webui["svc"]
     vec = ["0.5"] * 26
     svc.test_merge({"model_b": "synthB", "weights": ",".join(vec)})
     reads = svc.status()["bytes_read"]
@@ -73,7 +70,7 @@ def test_remerge_one_block_writes_only_that_block(webui):
 
 
 def test_interrupt_midway_leaves_previous_state(webui, monkeypatch):
-    svc, model, shared = webui["svc"], webui["model"], webui["shared"]
+    svc, model = webui["svc"], webui["model"]
     before = live_fp(model)
     from lib_merge.errors import MergeInterrupted
     from lib_merge.webui import host
@@ -127,11 +124,8 @@ def test_save_name_validation_and_protection(webui):
 
 
 def test_lora_backups_are_folded_and_cleared(webui):
-    from lib_merge.sources import open_source
-    from lib_merge.webui.target import WebUITarget
     svc, model = webui["svc"], webui["model"]
     before = live_fp(model)
-    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
     module = model.get_submodule("model.diffusion_model.input_blocks.1.1.proj_in")
     with torch.no_grad():
         module.network_weights_backup = module.weight.detach().clone()
@@ -139,6 +133,7 @@ def test_lora_backups_are_folded_and_cleared(webui):
         module.network_bias_backup = None
         module.weight.add_(0.5)  # the built-in LoRA baked its delta into the weight
     res = svc.test_merge({"model_b": "synthB", "alpha": 0.0})
+    assert res["live"] and res["written"] == 0  # alpha 0 leaves every weight at A's value
     assert module.network_weights_backup is None and module.network_current_names == ()
     svc.restore()
     assert live_fp(model) == before  # A without the baked LoRA: LoRA re-applies on the next generation
@@ -193,3 +188,19 @@ def test_recipe_and_status(webui):
     st = svc.status()
     assert st["live"] and st["loaded"].startswith("synthA") and st["merged_tensors"] > 0
     assert any(p.endswith("synthB.safetensors") and n > 0 for p, n in st["bytes_read"].items())
+
+
+def test_infotext_names_models_without_paths(webui):
+    """Infotexts travel inside shared images: the recipe names the models' files, never local paths."""
+    import hashlib
+    import json
+    svc = webui["svc"]
+    assert svc.infotext_fields() == {}
+    svc.test_merge({"model_b": "synthB", "preset": "GRAD_V"})
+    fields = svc.infotext_fields()
+    recipe = json.loads(fields["BlockMerge"])
+    assert recipe["models"] == ["synthA.safetensors", "synthB.safetensors"]
+    assert str(webui["dir"]) not in fields["BlockMerge"] and recipe["preset"] == "GRAD_V"
+    assert fields["BlockMerge hash"] == hashlib.sha256(fields["BlockMerge"].encode()).hexdigest()[:10]
+    svc.restore()
+    assert svc.infotext_fields() == {}

@@ -1,6 +1,4 @@
 """The tab builds with the real gradio 3.41.2 (the WebUI's pin) against the WebUI stand-in."""
-import shutil
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,5 @@
 """X/Y/Z axes and the HTTP API against the WebUI stand-in (real torch model with the real SD1.5 key names)."""
 import importlib.util
-import shutil
-import sys
 import threading
 import time
 from pathlib import Path

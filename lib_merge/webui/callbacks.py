@@ -1,7 +1,6 @@
 """Callbacks the entry script registers: the tab, settings, model loads, infotext."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import presets
@@ -41,12 +40,7 @@ def on_model_loaded(sd_model):
 
 def infotext_fields() -> dict[str, str]:
     """Added to generation infotexts while merged weights are live ("Model" keeps naming A)."""
-    recipe = SERVICE.recipe_json()
-    if recipe is None or not SERVICE.status()["live"]:
-        return {}
-    text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
-    import hashlib
-    return {"BlockMerge": text, "BlockMerge hash": hashlib.sha256(text.encode()).hexdigest()[:10]}
+    return SERVICE.infotext_fields()
 
 
 def on_app_started(demo, app):

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 
 
 def run_preview(prompt: str, negative: str, seed: int, steps: int, width: int, height: int, sampler: str,
-                cfg: float, recipe: dict | None):
+                cfg: float, fields: dict[str, str]):
     from modules import processing, shared
     p = processing.StableDiffusionProcessingTxt2Img(
         prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps), width=int(width),
         height=int(height), sampler_name=sampler or None, cfg_scale=float(cfg), do_not_save_samples=True,
         do_not_save_grid=True, outpath_samples=getattr(shared.opts, "outdir_txt2img_samples", None) or None,
         override_settings={})
-    if recipe is not None:
-        p.extra_generation_params = {**(p.extra_generation_params or {}),
-                                     "BlockMerge": json.dumps(recipe, sort_keys=True, separators=(",", ":"))}
+    p.extra_generation_params = {**(p.extra_generation_params or {}), **fields}
     with contextlib.closing(p):
         processed = processing.process_images(p)
     image = processed.images[0] if processed.images else None

@@ -6,6 +6,7 @@ Callers hold the WebUI's ``queue_lock`` (tab buttons through ``wrap_gradio_gpu_c
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import shutil
 import time
@@ -243,6 +244,18 @@ class Service:
         d = asdict(s.recipe)
         d["version"] = 1
         return d
+
+    def infotext_fields(self) -> dict[str, str]:
+        """Fields for generation infotexts while merged weights are live: the recipe with the models' file names,
+        never their paths (infotexts travel inside shared images), and a short hash of it."""
+        recipe = self.recipe_json()
+        if recipe is None or not self.status()["live"]:
+            return {}
+        recipe["models"] = [os.path.basename(m) for m in recipe.get("models") or []]
+        if recipe.get("bake_vae"):
+            recipe["bake_vae"] = os.path.basename(recipe["bake_vae"])
+        text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+        return {"BlockMerge": text, "BlockMerge hash": hashlib.sha256(text.encode()).hexdigest()[:10]}
 
     def status(self) -> dict:
         model = host.loaded_model()

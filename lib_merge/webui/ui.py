@@ -351,7 +351,7 @@ def _samplers() -> list[str]:
 
 def _preview(prompt, negative, seed, steps, width, height, sampler, cfg):
     from .preview import run_preview
-    return run_preview(prompt, negative, seed, steps, width, height, sampler, cfg, SERVICE.recipe_json())
+    return run_preview(prompt, negative, seed, steps, width, height, sampler, cfg, SERVICE.infotext_fields())
 
 
 def _gpu_wrap(fn, extra_outputs):

@@ -7,7 +7,6 @@ live merge, or the original weights) back afterwards, also after an interrupted 
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .. import presets
@@ -175,10 +174,7 @@ def process_cell(p) -> None:
         host.state().interrupt()
         raise
     SERVICE.xyz_cells.append({"axes": dict(axes), "written": res["written"], "seconds": res["seconds"]})
-    recipe = SERVICE.recipe_json()
-    if recipe is not None:
-        text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
-        p.extra_generation_params = {**(p.extra_generation_params or {}), "BlockMerge": text}
+    p.extra_generation_params = {**(p.extra_generation_params or {}), **SERVICE.infotext_fields()}
 
 
 def _describe(axes: dict) -> str:
