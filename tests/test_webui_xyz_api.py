@@ -173,8 +173,8 @@ def test_api_test_restore_status_recipe(client, webui):
     assert r.status_code == 200 and r.json()["restored"] == written
     assert fp(model) == before
     rec = client.get("/blockmerge/v1/recipe").json()
-    assert rec["live"] is False and rec["recipe"] == {"model_b": "synthB", "mode": "weighted_sum", "alpha": 0.5,
-                                                      "preset": "GRAD_V"}
+    assert rec["live"] is False and rec["recipe"] == {"model_b": "synthB.safetensors", "mode": "weighted_sum",
+                                                      "alpha": 0.5, "preset": "GRAD_V"}
     presets = client.get("/blockmerge/v1/presets").json()["presets"]
     assert len(presets["sd1"]) == 38 and presets["sd1"]["GRAD_V"]["values"][1] == 1.0
 
@@ -225,3 +225,14 @@ def test_api_takes_the_queue_lock(client, webui):
     call_queue.queue_lock.release()
     t.join(60)
     assert done and done[0].status_code == 200
+
+
+def test_api_answers_use_canonical_model_names(client, webui):
+    """Any exact alias may name a model in a body; status and recipe answer with the checkpoint's name."""
+    r = client.post("/blockmerge/v1/test", json={"model_b": "synthB", "alpha": 0.4})  # model_name alias
+    assert r.status_code == 200
+    st = client.get("/blockmerge/v1/status").json()
+    assert st["params"]["model_b"] == "synthB.safetensors"
+    client.post("/blockmerge/v1/restore", json={})
+    rec = client.get("/blockmerge/v1/recipe").json()
+    assert rec["live"] is False and rec["recipe"] == {"model_b": "synthB.safetensors", "alpha": 0.4}

@@ -61,6 +61,15 @@ class Service:
     def resolve_model(name: str, field: str) -> str:
         return host.checkpoint_by_name(name, field).filename
 
+    @staticmethod
+    def canonical(params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with each model field as the checkpoint's canonical name (any alias may come in)."""
+        out = dict(params)
+        for field in ("model_a", "model_b", "model_c"):
+            if out.get(field):
+                out[field] = host.checkpoint_by_name(out[field], field).name
+        return out
+
     def _model(self):
         model = host.loaded_model()
         reason = host.unsupported_reason(model)
@@ -136,6 +145,7 @@ class Service:
         finally:
             self._progress("idle")
         t_done = time.perf_counter()
+        params = self.canonical(params)
         if not keep_base:
             self.base_params = dict(params)
         self.live_params = dict(params) if session.is_merged else None
