@@ -35,3 +35,6 @@ class BlockMergeInfotext(scripts.Script):
         fields = callbacks.infotext_fields()
         if fields:
             p.extra_generation_params = {**(p.extra_generation_params or {}), **fields}
+
+    def before_process_batch(self, p, *args, **kwargs):
+        callbacks.before_process_batch(p)  # a reload wiped the merge since process(): apply it again

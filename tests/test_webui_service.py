@@ -204,3 +204,37 @@ def test_infotext_names_models_without_paths(webui):
     assert fields["BlockMerge hash"] == hashlib.sha256(fields["BlockMerge"].encode()).hexdigest()[:10]
     svc.restore()
     assert svc.infotext_fields() == {}
+
+
+def _generation(svc):
+    p = type("P", (), {"extra_generation_params": {"Steps": 2}})()
+    p.extra_generation_params.update(svc.begin_generation())
+    return p
+
+
+def test_reload_during_a_generation_reapplies_the_merge(webui):
+    """decisions: re-check before each batch and re-apply if a reload wiped the merge."""
+    svc, sdm, model, shared = webui["svc"], webui["sd_models"], webui["model"], webui["shared"]
+    svc.test_merge({"model_b": "synthB", "preset": "GRAD_V"})
+    merged = live_fp(model)
+    p = _generation(svc)
+    assert "BlockMerge" in p.extra_generation_params
+    sdm.reload_model_weights(info=sdm.checkpoint_aliases["synthA"], forced_reload=True)  # same file, weights wiped
+    assert svc.status()["live"] is False and live_fp(model) != merged
+    svc.ensure_applied(p)
+    assert live_fp(model) == merged and svc.status()["live"]
+    assert svc.last_message == "merge re-applied after a checkpoint reload"
+    assert "BlockMerge" in p.extra_generation_params and not shared.state.interrupted
+    svc.ensure_applied(p)  # intact now: nothing to do
+    assert live_fp(model) == merged
+
+
+def test_reload_of_another_model_during_a_generation_stops_it_without_a_false_label(webui):
+    svc, sdm, shared = webui["svc"], webui["sd_models"], webui["shared"]
+    svc.test_merge({"model_b": "synthB", "alpha": 0.5})
+    p = _generation(svc)
+    sdm.reload_model_weights(info=sdm.checkpoint_aliases["synthC"])
+    svc.ensure_applied(p)  # never merges synthC + synthB under the synthA recipe's label
+    assert svc.status()["live"] is False and shared.state.interrupted
+    assert p.extra_generation_params == {"Steps": 2}
+    assert svc.last_message.startswith("merge lost by a checkpoint reload and not re-applied: model_a is not")

@@ -40,7 +40,11 @@ def on_model_loaded(sd_model):
 
 def infotext_fields() -> dict[str, str]:
     """Added to generation infotexts while merged weights are live ("Model" keeps naming A)."""
-    return SERVICE.infotext_fields()
+    return SERVICE.begin_generation()
+
+
+def before_process_batch(p) -> None:
+    SERVICE.ensure_applied(p)
 
 
 def on_app_started(demo, app):

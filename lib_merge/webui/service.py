@@ -41,6 +41,7 @@ class Service:
         self.model_ref = None
         self.base_params: dict | None = None  # settings of the last Test merge (kept after Restore)
         self.live_params: dict | None = None  # settings of the merge that is live now
+        self.generation_params: dict | None = None  # the merge the running generation started with
         self.progress = {"stage": "idle", "done": 0, "total": 0}
         self.sentinels: dict[str, torch.Tensor] = {}
         self.file_bytes_read: dict[str, int] = {}
@@ -297,26 +298,51 @@ class Service:
         return {"fingerprint": fingerprint(target.params()), "tensors": len(target.params()),
                 "loaded": model.sd_checkpoint_info.title, "live": self.status()["live"]}
 
-    def on_model_loaded(self, model) -> None:
-        """A checkpoint (or VAE) was loaded: keep the live state only if our weights are still there."""
+    def _intact(self, model) -> bool:
+        """Our merged weights are still in ``model`` (same object, same file A, sentinel tensors unchanged)."""
         s = self.session
-        if s is None:
-            return
-        if self.model_ref is None or self.model_ref() is not model:
-            self.drop("merge discarded by checkpoint load" if self.live_params else "")
-            return
+        if s is None or self.model_ref is None or self.model_ref() is not model:
+            return False
         info = getattr(model, "sd_checkpoint_info", None)
         if info is None or os.path.realpath(info.filename) != s.a.id.path:
-            self.drop("merge discarded by checkpoint load" if self.live_params else "")
-            return
+            return False
         try:
             params = s.target.params()
-            for k, want in self.sentinels.items():
-                if not torch.equal(params[k].detach().to("cpu"), want):
-                    self.drop("merge discarded by checkpoint load")
-                    return
+            return all(torch.equal(params[k].detach().to("cpu"), want) for k, want in self.sentinels.items())
         except Exception:
-            self.drop("merge discarded by checkpoint load")
+            return False
+
+    def on_model_loaded(self, model) -> None:
+        """A checkpoint (or VAE) was loaded: keep the live state only if our weights are still there."""
+        if self.session is not None and not self._intact(model):
+            self.drop("merge discarded by checkpoint load" if self.live_params else "")
+
+    def begin_generation(self) -> dict[str, str]:
+        """A generation starts (AlwaysOn ``process``): remember what must be live for it; its infotext fields."""
+        fields = self.infotext_fields()
+        self.generation_params = None
+        if fields and self.live_params is not None:
+            info = host.loaded_model().sd_checkpoint_info  # pinned: a re-apply must never merge another A
+            self.generation_params = {**self.live_params, "model_a": info.name}
+        return fields
+
+    def ensure_applied(self, p) -> None:
+        """Before each batch: if a reload wiped the merge this generation was started with, apply it again; if
+        that fails, stop the generation and take the recipe out of its infotext (never a false label)."""
+        want = self.generation_params
+        model = host.loaded_model()
+        if want is None or (self.status()["live"] and self._intact(model)):
+            return
+        try:
+            self.test_merge(want, keep_base=True)
+            self.last_message = "merge re-applied after a checkpoint reload"
+        except Exception as e:
+            self.generation_params = None
+            extra = getattr(p, "extra_generation_params", None) or {}
+            for k in ("BlockMerge", "BlockMerge hash"):
+                extra.pop(k, None)
+            self.last_message = f"merge lost by a checkpoint reload and not re-applied: {e}"
+            host.state().interrupt()
 
 
 SERVICE = Service()
