@@ -148,7 +148,8 @@ class TensorCache:
         next access): mapped sources then cost no resident memory. One call for the span of ``keys``."""
         if self._mm is None:
             return
-        infos = [self.source().infos[k] for k in keys]
+        known = self.source().infos
+        infos = [known[k] for k in keys if k in known]
         if not infos:
             return
         start = min(i.start for i in infos)
@@ -171,7 +172,6 @@ class TensorCache:
         keys.sort(key=lambda k: src.infos[k].start)  # file order: released spans are contiguous
         slots = self._arena([src.infos[k].nbytes for k in keys])
         copied = 0
-        batch: list[str] = []
         for k, raw in zip(keys, slots):
             if self._stop.is_set():
                 break
@@ -179,13 +179,9 @@ class TensorCache:
             slot = raw.view(view.dtype)
             slot.copy_(view.reshape(-1))
             self.tensors[k] = slot.view(view.shape)
-            batch.append(k)
-            if len(batch) >= 64:
-                self.release(batch)
-                batch = []
+            self.release([k])  # at once: mapped pages never pile up in RSS beside the copies
             self._mapped.discard(k)
             copied += slot.numel() * slot.element_size()
-        self.release(batch)
         if not self._mapped:
             self._mm = None  # unmapped once the last view is gone: the file's pages leave our RSS
         return copied
@@ -402,7 +398,6 @@ class LiveSession:
             mode = plan.mode
             used = caches[: mode.models]
             done: list[tuple[str, Signature]] = []
-            touched: list[str] = []
             try:
                 for i, (kp, k, sig) in enumerate(todo):
                     if cancel and cancel():
@@ -413,14 +408,10 @@ class LiveSession:
                         prev = self.signatures.get(k, ORIGINAL)
                         self._write(params[k], kp, k, sig, mode, used)
                         done.append((k, prev))
-                    touched.append(k)
-                    if len(touched) % 64 == 0:
-                        for c in used:
-                            c.release(touched[-64:])
+                    for c in used:
+                        c.release([k])  # the key's mapped source pages leave RSS as soon as it is done
                     if progress:
                         progress(i + 1, len(todo))
-                for c in used:
-                    c.release(touched[-(len(touched) % 64 or 64):])
                 self._prefetch(used[1:])
             except BaseException as e:
                 self._rollback(done, params)
