@@ -145,7 +145,7 @@ def main() -> int:
     phase("first test merge")
     code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "preset": "GRAD_V"})
     print(f"POST test (GRAD_V, first, cold caches{', page cache warm' if args.warm else ''}): HTTP {code}, {r.get('written')} tensors, merge {r.get('seconds')} s, "
-          f"request {s:.2f} s; {r.get('timings')}")
+          f"request {s:.2f} s (queue wait {r.get('queue_wait')} s); {r.get('timings')}")
     ok &= code == 200
     phase("txt2img merged")
     img1, info1 = txt2img("merged")
