@@ -187,6 +187,20 @@ def main() -> int:
     code, fp1, _ = call(bm + "/fingerprint")
     print(f"fingerprint after restore: {fp1['fingerprint'][:16]}  bit-exact: {fp1['fingerprint'] == fp0['fingerprint']}")
     ok &= fp1["fingerprint"] == fp0["fingerprint"]
+    phase("interrupt")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        zip(("code", "body", "s"), call(bm + "/test", "POST", {"model_b": args.b, "alpha": 0.3}))))
+    worker.start()
+    time.sleep(0.2)
+    while worker.is_alive():  # the WebUI's own Interrupt, until the request answers
+        call(u + "/sdapi/v1/interrupt", "POST", {})
+        time.sleep(0.05)
+    code, fp2, _ = call(bm + "/fingerprint")
+    print(f"POST test interrupted by /sdapi/v1/interrupt: HTTP {result['code']}, {result['body'].get('detail')!r}, "
+          f"{result['s']:.2f} s; weights as before (fingerprint): {fp2['fingerprint'] == fp0['fingerprint']}")
+    ok &= result["code"] == 409 and fp2["fingerprint"] == fp0["fingerprint"]
+
     phase("txt2img restored")
     img2, info2 = txt2img("restored")
     print(f"  restored image identical to original: {img2 == img0}; BlockMerge in infotext: {'BlockMerge:' in info2}")

@@ -84,13 +84,14 @@ class TensorCache:
 
     @staticmethod
     def _arena(sizes: list[int]) -> list[torch.Tensor]:
-        """One anonymous mapping cut into uint8 slots of ``sizes`` bytes (transparent huge pages where allowed,
-        faulted in at once): far fewer page faults than one allocation per tensor."""
+        """One anonymous mapping cut into uint8 slots of ``sizes`` bytes (transparent huge pages where allowed):
+        far fewer page faults than one allocation per tensor."""
         total = sum((n + 63) // 64 * 64 for n in sizes)
         mm = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         arena = torch.frombuffer(mm, dtype=torch.uint8)  # the views keep the mapping alive
         pages.advise(arena, pages.HUGEPAGE)
-        pages.advise(arena, pages.POPULATE_WRITE)  # GIL released meanwhile: the merge thread runs on
+        # no MADV_POPULATE_WRITE of the whole arena: one long call holds the mmap lock and stalls every other
+        # thread that maps memory (seconds on a VM); copy_ faults it in 2 MiB huge pages as it goes
         slots, off = [], 0
         for n in sizes:
             slots.append(arena[off:off + n])

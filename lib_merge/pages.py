@@ -13,11 +13,9 @@ import sys
 
 import torch
 
-WILLNEED = 3
 DONTNEED = 4
 HUGEPAGE = 14
 POPULATE_READ = 22  # Linux 5.14+: fault the pages in now (read), one call instead of a fault per page
-POPULATE_WRITE = 23  # the same, for writing (anonymous memory gets backed now)
 PAGE = mmap.PAGESIZE
 
 
