@@ -82,6 +82,14 @@ def common_parser(out_default: str) -> argparse.ArgumentParser:
     return ap
 
 
+def endpoints(args) -> tuple[str, str, Path]:
+    """The WebUI's base URL, BlockMerge's API prefix, and the output folder (created)."""
+    u = args.url.rstrip("/")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return u, u + "/blockmerge/v1", out
+
+
 def ensure_loaded(u: str, a: str) -> bool:
     """Load checkpoint ``a`` (and render once, which loads the model) unless it is loaded. True if it loaded."""
     for _ in range(120):  # the WebUI loads its checkpoint in the background at startup: wait for it
@@ -104,10 +112,7 @@ def main() -> int:
                     help="read these files once first, so the first merge reads B through the page cache "
                          "(the condition of the peers' measurements)")
     args = ap.parse_args()
-    u = args.url.rstrip("/")
-    bm = u + "/blockmerge/v1"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    u, bm, out = endpoints(args)
     ok = True
 
     sampler = MemorySampler(args.pid) if args.pid else None

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from webui_check import call, common_parser, ensure_loaded  # noqa: E402
+from webui_check import call, common_parser, endpoints, ensure_loaded  # noqa: E402
 
 from lib_merge.sources import open_source  # noqa: E402
 
@@ -60,10 +60,7 @@ def main() -> int:
     ap.add_argument("--lora-dir", required=True)
     ap.add_argument("--lora-name", default="blockmerge_check_lora")
     args = ap.parse_args()
-    u = args.url.rstrip("/")
-    bm = u + "/blockmerge/v1"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    u, bm, out = endpoints(args)
     ok = True
     ensure_loaded(u, args.a)
     code, models, _ = call(u + "/sdapi/v1/sd-models")

@@ -18,15 +18,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webui_check import call, common_parser, ensure_loaded  # noqa: E402
+from webui_check import call, common_parser, endpoints, ensure_loaded  # noqa: E402
 
 
 def main() -> int:
     args = common_parser(os.path.join(tempfile.gettempdir(), "blockmerge-xyz-check")).parse_args()
-    u = args.url.rstrip("/")
-    bm = u + "/blockmerge/v1"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    u, bm, out = endpoints(args)
     ok = True
     if ensure_loaded(u, args.a):
         call(u + "/sdapi/v1/txt2img", "POST", {"prompt": "warmup", "steps": 1, "width": 64, "height": 64})
