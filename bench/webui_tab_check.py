@@ -5,7 +5,8 @@
 Opens the WebUI, clicks the BlockMerge tab, picks model B and preset GRAD_V, ticks "Block weights", sets a
 64x64 2-step preview, clicks Test merge, Preview, Save, Restore, and after each click waits for the tab's status
 line. Checks against the HTTP API: weights merged after Test merge, the preview's infotext carries the recipe,
-the saved file is registered, and Restore brings back the original fingerprint. Screenshots go to --out.
+the saved file is registered, Restore brings back the original fingerprint, and Stop clicked during a Test
+merge leaves the weights as they were. Screenshots go to --out.
 Needs Debian's chromium and the `websockets` package (>= 11; the harness venv has it).
 """
 from __future__ import annotations
@@ -117,6 +118,10 @@ def main() -> int:
     bm = u + "/blockmerge/v1"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for _ in range(120):  # the WebUI loads its checkpoint in the background at startup
+        if get(bm + "/status").get("loaded"):
+            break
+        time.sleep(1)
     fp0 = get(bm + "/fingerprint")["fingerprint"]
     profile = tempfile.mkdtemp(prefix="blockmerge-chromium-")
     proc = subprocess.Popen([args.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -199,6 +204,19 @@ def main() -> int:
         check("fingerprint after Restore equals the original (bit-exact)",
               get(bm + "/fingerprint")["fingerprint"] == fp0)
         page.screenshot(out / "3_restored.png")
+
+        # Stop: click it over and over while a Test merge runs; the merge must roll back to the original
+        page.click("#blockmerge_test")
+        page.js(f"window.__bmStop = setInterval(() => {{ const b = {page.q('#blockmerge_stop')}; if (b) b.click(); }}, 30)")
+        try:
+            s = page.wait(f"(() => {{ const t = ({page.q('#blockmerge_status')} || {{}}).innerText || ''; "
+                          "return (t.includes('interrupted') || t.includes('test merge live')) ? t : ''; })()",
+                          120, "the Test merge to end")
+        finally:
+            page.js("clearInterval(window.__bmStop)")
+        print(f"Test merge with Stop clicked: status: {s}", flush=True)
+        check("Stop interrupts a Test merge and the weights stay as they were",
+              "interrupted" in s and get(bm + "/fingerprint")["fingerprint"] == fp0)
     finally:
         proc.terminate()
         proc.wait(10)
