@@ -32,7 +32,7 @@ class BlockMergeInfotext(scripts.Script):
 
     def process(self, p, *args):
         xyz.process_cell(p)  # an X/Y/Z cell with BlockMerge axes: merge its settings in memory
-        fields = callbacks.infotext_fields()
+        fields = callbacks.begin_generation()  # the recipe of what is live now, the cell's included
         if fields:
             p.extra_generation_params = {**(p.extra_generation_params or {}), **fields}
 

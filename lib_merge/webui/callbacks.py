@@ -38,8 +38,9 @@ def on_model_loaded(sd_model):
     SERVICE.on_model_loaded(sd_model)
 
 
-def infotext_fields() -> dict[str, str]:
-    """Added to generation infotexts while merged weights are live ("Model" keeps naming A)."""
+def begin_generation() -> dict[str, str]:
+    """A generation starts: remember the live merge it renders with; returns the infotext fields to add while
+    merged weights are live ("Model" keeps naming A)."""
     return SERVICE.begin_generation()
 
 

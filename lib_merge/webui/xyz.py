@@ -174,7 +174,6 @@ def process_cell(p) -> None:
         host.state().interrupt()
         raise
     SERVICE.xyz_cells.append({"axes": dict(axes), "written": res["written"], "seconds": res["seconds"]})
-    p.extra_generation_params = {**(p.extra_generation_params or {}), **SERVICE.infotext_fields()}
 
 
 def _describe(axes: dict) -> str:
