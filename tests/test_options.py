@@ -104,4 +104,5 @@ def test_mode_one_check():
         get_mode("blend")
     with pytest.raises(MergeError) as e2:
         to_recipe({"model_b": "b", "mode": "blend"}, lambda n, f: n, "a")
-    assert str(e2.value) == str(e.value) and str(e.value).startswith("unknown mode 'blend', choose one of no_interpolation, weighted_sum")
+    assert str(e2.value) == str(e.value)
+    assert str(e.value).startswith("unknown mode 'blend', choose one of no_interpolation, weighted_sum")
