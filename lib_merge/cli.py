@@ -8,6 +8,7 @@ from dataclasses import fields
 
 from .errors import MergeError
 from .modes import MODES
+from .options import DTYPE_CHOICES, VAE_CHOICES, choice_list
 
 EPILOG = """examples:
   python -m lib_merge demo
@@ -30,7 +31,7 @@ MERGE_HELP = {
     "preset_beta": "block-weight preset for beta",
     "elemental": "elemental rules 'Blocks:Elements:Ratio', comma or newline separated, e.g. 'OUT03-OUT05:attn2:0.2'; "
                  "NOT and ranges allowed; the last matching rule wins",
-    "dtype": "output dtype: fp16, bf16, fp32 or keep (each tensor keeps A's dtype; default)",
+    "dtype": f"output dtype: {choice_list(DTYPE_CHOICES)} (each tensor keeps A's dtype; default)",
     "vae": "VAE keys: merge (with the BASE ratio; default), a (copy A's) or b (copy B's)",
     "bake_vae": "replace the VAE with this file (with or without the first_stage_model. prefix)",
     "prune": "drop EMA weights and DDPM schedule buffers",
@@ -55,8 +56,8 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help=MERGE_HELP["beta"])
     for name in ("weights", "weights_beta", "preset", "preset_beta", "elemental"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=MERGE_HELP[name])
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "keep"], default=None, help=MERGE_HELP["dtype"])
-    p.add_argument("--vae", choices=["merge", "a", "b"], default=None, help=MERGE_HELP["vae"])
+    p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default=None, help=MERGE_HELP["dtype"])
+    p.add_argument("--vae", choices=list(VAE_CHOICES), default=None, help=MERGE_HELP["vae"])
     p.add_argument("--bake-vae", dest="bake_vae", default=None, metavar="FILE", help=MERGE_HELP["bake_vae"])
     for name in ("include", "exclude"):
         p.add_argument("--" + name, default=None, metavar="PARTS", help=MERGE_HELP[name])
@@ -134,8 +135,6 @@ def cmd_merge(args) -> int:
         v = getattr(args, f.name, None)
         if v is not None:
             setattr(recipe, f.name, v)
-    if args.weights and args.preset:
-        raise MergeError("give either --weights or --preset, not both, --preset")
     from .merge import normalize_recipe
     recipe = normalize_recipe(recipe)
     res = merge_to_file(recipe, args.output, overwrite=args.overwrite, threads=args.threads, device=args.device,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .arch import SD1_BLOCKS, ArchSpec
 from .errors import MergeError
+from .options import SUBTARGET_ELEMENTS, check_subtargets
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,7 @@ def subtarget_rule(subtargets: list[str], ratio: float) -> str | None:
 
     ``attn1`` -> ``attn1``, ``attn2`` -> ``attn2``, ``ff`` -> ``ff.net``; ``all`` (or nothing) -> no rule.
     """
-    subs = {"attn1": "attn1", "attn2": "attn2", "ff": "ff.net"}
-    chosen = [s for s in subtargets if s != "all"]
+    chosen = [s for s in check_subtargets(subtargets) if s != "all"]
     if not chosen or "all" in subtargets:
         return None
-    bad = [s for s in chosen if s not in subs]
-    if bad:
-        raise MergeError(f"unknown sub-target {bad[0]!r} (attn1, attn2, ff, all)")
-    return f":NOT {' '.join(subs[s] for s in chosen)}:{ratio!r}"
+    return f":NOT {' '.join(SUBTARGET_ELEMENTS[s] for s in chosen)}:{ratio!r}"

@@ -73,9 +73,7 @@ class Plan:
 
 
 def vector_for(weights: str | None, preset: str | None, arch: ArchSpec, base: float, what: str) -> list[float] | None:
-    if weights and preset:
-        raise MergeError(f"give either weights or a preset, not both, {what}")
-    if preset:
+    if preset:  # never both: Recipe.validate (options.check_exclusive) refused that already
         return presets.resolve(preset, arch)
     if weights:
         # A lone non-numeric token is a preset name (as supermerger's weights box accepts).

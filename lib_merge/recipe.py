@@ -6,12 +6,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .dtypes import OUTPUT_DTYPES
 from .errors import MergeError
 from .modes import get_mode
+from .options import DTYPE_CHOICES, VAE_CHOICES, check_choice, check_exclusive
 
 RECIPE_VERSION = 1
-VAE_CHOICES = ("merge", "a", "b")
 
 
 @dataclass
@@ -41,16 +40,11 @@ class Recipe:
             names = "A" if m.models == 1 else "A B" if m.models == 2 else "A B C"
             raise MergeError(f"mode {self.mode} takes {m.models} model{'s' if m.models > 1 else ''} ({names}), "
                              f"got {len(self.models)}")
-        if self.dtype not in OUTPUT_DTYPES:
-            raise MergeError(f"unknown dtype {self.dtype!r}, choose fp16, bf16, fp32 or keep")
-        if self.vae not in VAE_CHOICES:
-            raise MergeError(f"unknown VAE choice {self.vae!r}, choose merge, a or b")
+        check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        check_choice("vae", self.vae, VAE_CHOICES)
         if self.vae == "b" and m.models < 2:
             raise MergeError("--vae b needs a model B, --vae")
-        if self.weights and self.preset:
-            raise MergeError("give either weights or a preset, not both, --weights/--preset")
-        if self.weights_beta and self.preset_beta:
-            raise MergeError("give either beta weights or a beta preset, not both, --weights-beta/--preset-beta")
+        check_exclusive(vars(self))
         if self.swap_ab and self.mode not in ("weighted_sum", "sigmoid", "inv_sigmoid"):
             raise MergeError(f"--swap-ab works with weighted_sum, sigmoid and inv_sigmoid only, not {self.mode}")
         for name in ("alpha", "beta"):

@@ -69,3 +69,183 @@ def test_curve_svg():
     from lib_merge.arch import SDXL_BLOCKS
     svg = curve_svg([0.0] * 10 + [1.0] * 10, SDXL_BLOCKS, beta=[0.5] * 20)
     assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "OUT08" in svg
+
+
+# -- the tab's real handlers, fired as the browser does ------------------------------------------------------
+class UI:
+    """Runs the built tab's event handlers: inputs from the components' current values; outputs (values or
+    ``gr.update`` dicts) written back, other update keys (interactive, label) kept in ``props``."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.c = blocks.blockmerge_components
+        self.values = {i: getattr(b, "value", None) for i, b in blocks.blocks.items()}
+        self.props: dict[int, dict] = {i: {} for i in blocks.blocks}
+
+    def __getitem__(self, comp):
+        return self.values[comp._id]
+
+    def __setitem__(self, comp, value):
+        self.values[comp._id] = value
+
+    def by_id(self, elem_id: str):
+        return next(b for b in self.blocks.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+    def prop(self, comp, key, default=None):
+        return self.props[comp._id].get(key, default)
+
+    def fire(self, comp, trigger: str) -> list:
+        deps = [(d, f) for d, f in zip(self.blocks.dependencies, self.blocks.fns)
+                if comp._id in d["targets"] and d["trigger"] == trigger]
+        assert len(deps) == 1, f"{len(deps)} handlers for {trigger}"
+        dep, fn = deps[0]
+        out = fn.fn(*[self.values[i] for i in dep["inputs"]])
+        outs = list(out) if len(dep["outputs"]) > 1 else [out]
+        assert len(outs) == len(dep["outputs"])
+        for i, o in zip(dep["outputs"], outs):
+            if isinstance(o, dict) and str(o.get("__type__", "")).endswith("update"):
+                for k, v in o.items():
+                    if k == "value":
+                        self.values[i] = v
+                    elif k != "__type__":
+                        self.props[i][k] = v
+            else:
+                self.values[i] = o
+        return outs
+
+
+@pytest.fixture
+def tab(stub):
+    from lib_merge.webui.ui import create_tab
+    return UI(create_tab())
+
+
+def _svg_texts(svg: str):
+    import xml.etree.ElementTree as ET
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    return root, list(root.iter(ns + "text"))
+
+
+@pytest.mark.parametrize("arch_name", ["sd1", "sdxl"])
+def test_curve_labels_all_present_and_inside_the_viewbox(arch_name):
+    """Each block label, rotated about its anchor, lies inside the viewBox (the browser clips the rest)."""
+    import math
+    import re
+    from lib_merge.arch import ARCHS
+    from lib_merge.webui.curve import curve_svg
+    blocks = ARCHS[arch_name].blocks
+    svg = curve_svg([0.0, 2.0] * (len(blocks) // 2), blocks, beta=[-1.0] * len(blocks))
+    root, texts = _svg_texts(svg)
+    _, _, w, h = (float(v) for v in root.get("viewBox").split())
+    labels = [t for t in texts if t.text in blocks]
+    assert [t.text for t in labels] == list(blocks)  # 26 / 20, in order
+    for t in labels:
+        size = float(t.get("font-size"))
+        assert size >= 8
+        ax, ay = float(t.get("x")), float(t.get("y"))
+        angle, cx, cy = (float(v) for v in re.fullmatch(r"rotate\((\S+) (\S+) (\S+)\)", t.get("transform")).groups())
+        assert (cx, cy) == (ax, ay) and t.get("text-anchor") == "end"
+        length = len(t.text) * 0.8 * size  # generous: capitals and digits are at most 0.78 em wide
+        corners = [(-length, -size), (0.0, -size), (-length, 0.25 * size), (0.0, 0.25 * size)]  # ascent, descent
+        rad = math.radians(angle)
+        for dx, dy in corners:
+            x = ax + dx * math.cos(rad) - dy * math.sin(rad)
+            y = ay + dx * math.sin(rad) + dy * math.cos(rad)
+            assert 0 <= x <= w and 0 <= y <= h, (t.text, round(x, 1), round(y, 1))
+    for t in texts:  # axis values and legend too
+        if t not in labels:
+            assert 0 <= float(t.get("x")) <= w and 0 <= float(t.get("y")) <= h
+
+
+def test_sliders_show_rounded_values_and_the_text_keeps_full_precision(tab):
+    """GRAD_V's 0.9166666667 shows as 0.917 on its slider; releasing another slider changes that block only."""
+    from lib_merge.arch import SD1_BLOCKS
+    from lib_merge.presets import resolve
+    from lib_merge.arch import ARCHS
+    from lib_merge.weights import parse_weights
+    c = tab.c
+    exact = resolve("GRAD_V", ARCHS["sd1"])
+    tab[c["preset"]] = "GRAD_V"
+    tab.fire(c["preset"], "select")
+    shown = [tab[s] for s in c["sliders"]]
+    assert shown == [round(v, 3) for v in exact] and shown[2] == 0.917
+    assert parse_weights(tab[c["weights_alpha"]], ARCHS["sd1"], 0.5) == exact
+    i = SD1_BLOCKS.index("OUT05")
+    tab[c["sliders"][i]] = 0.25
+    tab.fire(c["sliders"][i], "release")
+    after = parse_weights(tab[c["weights_alpha"]], ARCHS["sd1"], 0.5)
+    assert after == [0.25 if j == i else v for j, v in enumerate(exact)]
+    assert after[2] == 0.9166666667
+    # the text typed by hand: sliders rounded, text untouched; a release without a move keeps it exact
+    text = ",".join(["0.123456789"] * 26)
+    tab[c["weights_alpha"]] = text
+    tab.fire(c["weights_alpha"], "blur")
+    assert [tab[s] for s in c["sliders"]] == [0.123] * 26
+    tab.fire(c["sliders"][0], "release")
+    assert parse_weights(tab[c["weights_alpha"]], ARCHS["sd1"], 0.5) == [0.123456789] * 26
+
+
+def test_beta_controls_only_in_modes_that_use_beta(tab):
+    from lib_merge.modes import MODES
+    c = tab.c
+    assert c["beta"].interactive is False and c["weights_beta"].interactive is False  # weighted_sum at start
+    assert {m for m, mode in MODES.items() if mode.uses_beta} == {"triple_sum", "sum_twice"}
+    for name, mode in MODES.items():
+        tab[c["mode"]] = name
+        tab.fire(c["mode"], "change")
+        for comp in (c["beta"], c["weights_beta"], c["editing"]):
+            assert tab.prop(comp, "interactive") is mode.uses_beta, (name, comp.label)
+    # leaving a beta mode while the sliders edit beta: they go back to alpha
+    tab[c["mode"]] = "triple_sum"
+    tab.fire(c["mode"], "change")
+    tab[c["editing"]] = "beta"
+    tab[c["mode"]] = "add_difference"
+    tab.fire(c["mode"], "change")
+    assert tab[c["editing"]] == "alpha"
+
+
+@pytest.fixture
+def live_tab(stub, monkeypatch):
+    from lib_merge.webui import service as service_mod, ui
+    svc = service_mod.Service()
+    for mod in (service_mod, ui):
+        monkeypatch.setattr(mod, "SERVICE", svc)
+    stub.load_model(stub.checkpoint_aliases["synthA"])
+    return UI(ui.create_tab())
+
+
+def test_restore_marks_the_preview_as_the_previous_weights(live_tab):
+    t = live_tab
+    c = t.c
+    image, info, status = t.by_id("blockmerge_image"), t.by_id("blockmerge_infotext"), c["status"]
+    by_label = {b.value: b for b in c["buttons"]}
+    restore, test, preview = by_label["Restore"], by_label["Test merge"], by_label["Preview"]
+    t.fire(restore, "click")  # nothing live, no preview: nothing to mark
+    assert t.prop(image, "label") is None and "nothing to restore" in t[status]
+    t[c["model_b"]] = "synthB"
+    t.fire(test, "click")
+    assert "test merge live" in t[status] and t.prop(image, "label") is None  # no preview yet
+    t.fire(preview, "click")
+    merged_info = t[info]
+    assert t[image] is not None and "BlockMerge" in merged_info and "test merge live" in t[status]
+    assert t.prop(image, "label") == "Preview" and t.prop(info, "label") == "Infotext"
+    t.fire(restore, "click")
+    assert "original weights restored" in t[status]
+    assert t.prop(image, "label") == "Preview (weights before the last Restore)"
+    assert t.prop(info, "label") == "Infotext (weights before the last Restore)"
+    assert t[info] == merged_info and t[image] is not None  # kept, to compare with a new preview
+    t.fire(preview, "click")
+    assert "BlockMerge" not in t[info] and t.prop(image, "label") == "Preview"
+    t.fire(test, "click")  # a new merge: the preview of the original weights is marked too
+    assert t.prop(info, "label") == "Infotext (weights before the last Test merge)"
+
+
+def test_tab_lists_are_the_engine_lists(tab):
+    from lib_merge import options
+
+    def choices(comp):
+        return [x[0] if isinstance(x, tuple) else x for x in comp.choices]
+    assert choices(tab.c["dtype"]) == list(options.DTYPE_CHOICES)
+    assert choices(tab.c["vae"]) == list(options.VAE_CHOICES)
+    assert choices(tab.c["subtargets"]) == list(options.SUBTARGETS)

@@ -119,6 +119,19 @@ def test_alpha_axis_with_preset_is_refused_before_first_cell(webui):
     assert svc.xyz_cells == []
 
 
+def test_beta_axis_in_a_mode_without_beta_is_refused_before_first_cell(webui):
+    from lib_merge.errors import MergeError
+    svc = webui["svc"]
+    svc.test_merge({"model_b": "synthB", "alpha": 0.3})
+    with pytest.raises(MergeError, match=r"^beta has no effect in mode weighted_sum \(its formula has no beta\), "
+                                         r"BlockMerge: beta$"):
+        grid(webui, "BlockMerge: beta", "0,1")
+    assert svc.xyz_cells == []
+    svc.test_merge({"model_b": "synthB", "model_c": "synthC", "mode": "triple_sum", "alpha": 0.3})
+    cells = grid(webui, "BlockMerge: beta", "0,0.2")
+    assert len({c.images[0].tobytes() for c in cells}) == 2
+
+
 def test_grid_needs_a_base_or_model_b_axis(webui):
     from lib_merge.errors import MergeError
     with pytest.raises(MergeError, match="run Test merge first or add a BlockMerge: model B axis"):
@@ -183,7 +196,12 @@ def test_api_test_restore_status_recipe(client, webui):
     ({"model_b": "nope"}, 422, "unknown checkpoint 'nope' (use a name from the checkpoint list), model_b"),
     ({"model_b": "../synthB.safetensors"}, 422, "unknown checkpoint '../synthB.safetensors'"),
     ({"model_b": "synthB", "weights": "1,2,x"}, 422, "not a number: 'x'"),
-    ({"model_b": "synthB", "weights": "1", "preset": "GRAD_V"}, 422, "give weights or preset, not both"),
+    ({"model_b": "synthB", "weights": "1", "preset": "GRAD_V"}, 422, "give weights or preset, not both, weights/preset"),
+    ({"model_b": "synthB", "model_c": "synthC", "mode": "triple_sum", "weights_beta": "1", "preset_beta": "GRAD_V"},
+     422, "give weights_beta or preset_beta, not both, weights_beta/preset_beta"),
+    ({"model_b": "synthB", "vae": "c"}, 422, "vae must be merge, a or b, vae: 'c'"),
+    ({"model_b": "synthB", "dtype": "fp64"}, 422, "dtype must be fp16, bf16, fp32 or keep, dtype: 'fp64'"),
+    ({"model_b": "synthB", "subtargets": ["attn3"]}, 422, "sub-target must be all, attn1, attn2 or ff, subtargets: 'attn3'"),
     ({"model_b": "synthB", "model_a": "synthC"}, 409, "model_a is not the loaded checkpoint; load it first"),
     ({"model_b": "synthB", "bogus": 1}, 422, "unknown field, bogus"),
 ])
@@ -236,3 +254,25 @@ def test_api_answers_use_canonical_model_names(client, webui):
     client.post("/blockmerge/v1/restore", json={})
     rec = client.get("/blockmerge/v1/recipe").json()
     assert rec["live"] is False and rec["recipe"] == {"model_b": "synthB.safetensors", "alpha": 0.4}
+
+
+def test_api_recipe_carries_the_engine_recipe_version(client, webui, monkeypatch):
+    """GET recipe / infotexts say the version the engine writes (not a copy of the number)."""
+    from lib_merge import recipe
+    from lib_merge.recipe import Recipe
+    monkeypatch.setattr(recipe, "RECIPE_VERSION", 7)
+    assert client.post("/blockmerge/v1/test", json={"model_b": "synthB"}).status_code == 200
+    rec = client.get("/blockmerge/v1/recipe").json()
+    assert rec["live"] is True and rec["recipe"]["version"] == 7
+    assert Recipe().to_dict()["version"] == 7
+
+
+def test_subtarget_axis_uses_the_engine_list_and_check(webui):
+    from lib_merge.errors import MergeError
+    from lib_merge.options import SUBTARGETS
+    opt = next(o for o in webui["xyz"].axis_options if o.label == "BlockMerge: sub-target")
+    assert opt.choices() == list(SUBTARGETS)
+    opt.confirm(None, ["attn1", "all"])
+    with pytest.raises(MergeError) as e:
+        opt.confirm(None, ["attn1", "attn3"])
+    assert str(e.value) == "sub-target must be all, attn1, attn2 or ff, subtargets: 'attn3'"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import presets
+from ..options import DEFAULT_SAVE_DTYPE, DTYPE_CHOICES
 from . import host
 from .service import SERVICE
 
@@ -30,7 +31,7 @@ def on_ui_settings():
         "cpu: RAM (no file reads after the first merge); gpu: VRAM when there is room; "
         "mmap: read through the page cache (least memory)"))
     shared.opts.add_option(host.OPT_DEFAULT_DTYPE, shared.OptionInfo(
-        "fp16", "Default dtype of saved merges", gr.Radio, {"choices": ["fp16", "bf16", "fp32", "keep"]},
+        DEFAULT_SAVE_DTYPE, "Default dtype of saved merges", gr.Radio, {"choices": list(DTYPE_CHOICES)},
         section=section))
 
 

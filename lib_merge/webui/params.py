@@ -6,8 +6,9 @@ from typing import Any, Callable
 
 from ..elemental import subtarget_rule
 from ..errors import MergeError
-from ..modes import MODES, get_mode
-from ..recipe import VAE_CHOICES, Recipe
+from ..modes import get_mode
+from ..options import check_subtargets
+from ..recipe import Recipe
 
 FIELDS = {"model_a", "model_b", "model_c", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
           "preset_beta", "elemental", "dtype", "vae", "subtargets", "output", "overwrite"}
@@ -46,13 +47,7 @@ def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], 
     if unknown:
         raise MergeError(f"unknown field, {unknown[0]}")
     mode_name = _str(params, "mode") or "weighted_sum"
-    if mode_name not in MODES:
-        raise MergeError(f"unknown mode, mode: {mode_name!r} (one of {', '.join(MODES)})")
-    mode = get_mode(mode_name)
-    if params.get("weights") and params.get("preset"):
-        raise MergeError("give weights or preset, not both, weights/preset")
-    if params.get("weights_beta") and params.get("preset_beta"):
-        raise MergeError("give weights_beta or preset_beta, not both, weights_beta/preset_beta")
+    mode = get_mode(mode_name)  # the engine's check: an unknown name lists the modes
     a_name = _str(params, "model_a")
     a = resolve_model(a_name, "model_a") if a_name else model_a_path
     if not a:
@@ -70,17 +65,16 @@ def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], 
     if isinstance(subs, str):
         subs = [s.strip() for s in subs.replace(",", " ").split() if s.strip()]
     if not isinstance(subs, list) or not all(isinstance(s, str) for s in subs):
-        raise MergeError(f"subtargets must be a list of attn1, attn2, ff, all, subtargets: {subs!r}")
+        raise MergeError(f"subtargets must be a list of sub-target names, subtargets: {subs!r}")
+    check_subtargets(subs)
     has_vector = bool(params.get("weights") or params.get("preset"))
     rule = subtarget_rule(subs, alpha) if has_vector else None
     if rule:
         elemental = rule + ("\n" + elemental if elemental else "")
     vae = _str(params, "vae") or default_vae
-    if vae not in VAE_CHOICES:
-        raise MergeError(f"vae must be merge, a or b, vae: {vae!r}")
     dtype = _str(params, "dtype") or "keep"
     recipe = Recipe(models=models, mode=mode_name, alpha=alpha, beta=beta, weights=_str(params, "weights"),
                     weights_beta=_str(params, "weights_beta"), preset=_str(params, "preset"),
                     preset_beta=_str(params, "preset_beta"), elemental=elemental, dtype=dtype, vae=vae)
-    recipe.validate()
+    recipe.validate()  # choices and the rules across fields (weights or preset), as for the CLI
     return recipe

@@ -252,9 +252,7 @@ class Service:
         s = self.session
         if s is None or s.recipe is None or not s.is_merged:
             return None
-        d = asdict(s.recipe)
-        d["version"] = 1
-        return d
+        return s.recipe.to_dict()
 
     def infotext_fields(self) -> dict[str, str]:
         """Fields for generation infotexts while merged weights are live: the recipe with the models' file names,

@@ -15,15 +15,17 @@ from .. import presets
 from ..arch import ARCHS, SD1_BLOCKS
 from ..errors import MergeError
 from ..modes import MODES
+from ..options import DEFAULT_SAVE_DTYPE, DTYPE_CHOICES, SUBTARGETS, VAE_CHOICES
 from ..weights import format_vector, parse_weights
 from . import host
 from .curve import curve_svg
 from .service import SERVICE
 
 LAYOUTS = {"SD1/SD2 (26)": "sd1", "SDXL (20)": "sdxl"}
-SUBTARGETS = ["all", "attn1", "attn2", "ff"]
 SD1_ONLY = {"IN09", "IN10", "IN11", "OUT09", "OUT10", "OUT11"}
-DTYPES = ["fp16", "bf16", "fp32", "keep"]
+SLIDER_DIGITS = 3  # a slider shows its weight rounded; the weight text keeps the exact value
+PREVIEW_LABEL = "Preview"
+INFOTEXT_LABEL = "Infotext"
 
 
 def _arch(layout: str):
@@ -38,10 +40,47 @@ def visible_values(slider_values: list[float], layout: str) -> list[float]:
 
 
 def vector_to_sliders(vec: list[float], layout: str, current: list[float]) -> list[float]:
+    """A vector (20 on SDXL) -> the 26 slider values, as the sliders show them (rounded to ``SLIDER_DIGITS``:
+    gradio's number box would print 0.9166666666666666); SD1-only sliders keep their values on SDXL."""
     arch = _arch(layout)
     by = dict(zip(SD1_BLOCKS, current))
     by.update(zip(arch.blocks, vec))
-    return [float(by[b]) for b in SD1_BLOCKS]
+    return [shown(by[b]) for b in SD1_BLOCKS]
+
+
+def shown(value: float) -> float:
+    """What a slider shows for an exact weight."""
+    return round(float(value), SLIDER_DIGITS)
+
+
+def sliders_to_vector(slider_values: list[float], layout: str, text: str | None, base: float) -> list[float]:
+    """The slider values -> the vector, keeping the text's exact value for every block whose slider still shows
+    it rounded: releasing one slider changes that block only, never the precision of the others."""
+    vis = visible_values(slider_values, layout)
+    try:
+        exact = parse_weights(text, _arch(layout), base) if text and text.strip() else None
+    except MergeError:
+        exact = None
+    if exact is None or len(exact) != len(vis):
+        return vis
+    return [e if shown(e) == v else v for e, v in zip(exact, vis)]
+
+
+def beta_controls(mode: str) -> list[dict]:
+    """beta slider, beta weights, "Sliders edit" radio: usable only in modes whose formula has beta (as alpha is
+    greyed out while a full vector sets every block). The sliders go back to alpha when beta is not used."""
+    uses = MODES[mode].uses_beta
+    radio = gr.update(interactive=True) if uses else gr.update(value="alpha", interactive=False)
+    return [gr.update(interactive=uses), gr.update(interactive=uses), radio]
+
+
+def stale_preview(infotext: str | None, why: str) -> list[dict]:
+    """After the live weights change (Restore, Test merge) the preview shows the previous ones: say so above the
+    image and its infotext (kept, to compare); nothing to mark while no preview is shown."""
+    if not infotext:
+        return [gr.update(), gr.update()]
+    note = f" (weights before the last {why})"
+    return [gr.update(label=PREVIEW_LABEL + note), gr.update(label=INFOTEXT_LABEL + note)]
 
 
 def status_html(text: str, error: bool = False) -> str:
@@ -79,7 +118,9 @@ def _checkpoint_update():
 
 def create_tab():
     sliders: list[gr.Slider] = []
-    default_dtype = host.opt(host.OPT_DEFAULT_DTYPE, "fp16")
+    default_dtype = host.opt(host.OPT_DEFAULT_DTYPE, DEFAULT_SAVE_DTYPE)
+    default_mode = "weighted_sum"
+    beta_used = MODES[default_mode].uses_beta
     with gr.Blocks(analytics_enabled=False, elem_id="blockmerge_tab") as tab:
         with gr.Row():
             model_a = gr.Dropdown(label="Model A (file merges; Test merge uses the loaded checkpoint)",
@@ -88,11 +129,12 @@ def create_tab():
             model_c = gr.Dropdown(label="Model C", choices=host.checkpoint_titles(), elem_id="blockmerge_model_c")
             refresh = gr.Button(value="\U0001f504", elem_id="blockmerge_refresh", elem_classes=["tool"])
         with gr.Row():
-            mode = gr.Radio(label="Merge mode", choices=list(MODES), value="weighted_sum", elem_id="blockmerge_mode")
-        mode_info = gr.Markdown(f"`{MODES['weighted_sum'].formula}`", elem_id="blockmerge_formula")
+            mode = gr.Radio(label="Merge mode", choices=list(MODES), value=default_mode, elem_id="blockmerge_mode")
+        mode_info = gr.Markdown(f"`{MODES[default_mode].formula}`", elem_id="blockmerge_formula")
         with gr.Row():
             alpha = gr.Slider(minimum=-1, maximum=2, step=0.01, value=0.5, label="alpha", elem_id="blockmerge_alpha")
-            beta = gr.Slider(minimum=-1, maximum=2, step=0.01, value=0.25, label="beta", elem_id="blockmerge_beta")
+            beta = gr.Slider(minimum=-1, maximum=2, step=0.01, value=0.25, label="beta", elem_id="blockmerge_beta",
+                             interactive=beta_used)
 
         with gr.Accordion("Block weights", open=True, elem_id="blockmerge_blocks_acc"):
             with gr.Row():
@@ -101,7 +143,7 @@ def create_tab():
                 layout = gr.Radio(label="Layout", choices=list(LAYOUTS), value="SD1/SD2 (26)",
                                   elem_id="blockmerge_layout")
                 editing = gr.Radio(label="Sliders edit", choices=["alpha", "beta"], value="alpha",
-                                   elem_id="blockmerge_editing")
+                                   elem_id="blockmerge_editing", interactive=beta_used)
             with gr.Row():
                 preset = gr.Dropdown(label="Preset", choices=presets.names("sd1"), elem_id="blockmerge_preset")
                 preset_name = gr.Textbox(label="Save sliders as user preset", placeholder="MY_PRESET",
@@ -131,20 +173,22 @@ def create_tab():
             with gr.Row():
                 weights_alpha = gr.Textbox(label="alpha weights (paste a supermerger string; 26 / 25 / 20 / 19 values)",
                                            value=format_vector([0.5] * 26), elem_id="blockmerge_weights_alpha")
-                weights_beta = gr.Textbox(label="beta weights (triple_sum / sum_twice)", value="",
-                                          elem_id="blockmerge_weights_beta")
+                beta_modes = " / ".join(n for n, m in MODES.items() if m.uses_beta)
+                weights_beta = gr.Textbox(label=f"beta weights ({beta_modes})", value="",
+                                          elem_id="blockmerge_weights_beta", interactive=beta_used)
             curve = gr.HTML(curve_svg([0.5] * 26, SD1_BLOCKS), elem_id="blockmerge_curve")
 
         with gr.Row():
-            subtargets = gr.CheckboxGroup(label="Block weights act on", choices=SUBTARGETS, value=["all"],
+            subtargets = gr.CheckboxGroup(label="Block weights act on", choices=list(SUBTARGETS), value=["all"],
                                           elem_id="blockmerge_subtargets")
         elemental = gr.Textbox(label="Elemental rules (Blocks:Elements:Ratio, one per line; NOT, ranges IN00-IN05; "
                                      "the last matching rule wins)", lines=3, elem_id="blockmerge_elemental")
         with gr.Row():
-            dtype = gr.Dropdown(label="Save dtype", choices=DTYPES, value=default_dtype if default_dtype in DTYPES else "fp16",
+            dtype = gr.Dropdown(label="Save dtype", choices=list(DTYPE_CHOICES),
+                                value=default_dtype if default_dtype in DTYPE_CHOICES else DEFAULT_SAVE_DTYPE,
                                 elem_id="blockmerge_dtype")
             vae = gr.Radio(label="VAE in saved files (the preview always uses the WebUI's current VAE)",
-                           choices=["a", "b", "merge"], value="a", elem_id="blockmerge_vae")
+                           choices=list(VAE_CHOICES), value="a", elem_id="blockmerge_vae")
             output = gr.Textbox(label="Output name (saved in the models folder)", placeholder="my-merge",
                                 elem_id="blockmerge_output")
             overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="blockmerge_overwrite")
@@ -171,12 +215,16 @@ def create_tab():
                 sampler = gr.Dropdown(label="Sampler", choices=_samplers(), value="Euler a" if "Euler a" in _samplers() else None,
                                       elem_id="blockmerge_sampler")
         with gr.Row():
-            image = gr.Image(label="Preview", type="pil", interactive=False, elem_id="blockmerge_image")
-            infotext = gr.Textbox(label="Infotext", lines=6, interactive=False, elem_id="blockmerge_infotext")
+            image = gr.Image(label=PREVIEW_LABEL, type="pil", interactive=False, elem_id="blockmerge_image")
+            infotext = gr.Textbox(label=INFOTEXT_LABEL, lines=6, interactive=False, elem_id="blockmerge_infotext")
 
         # -- wiring ----------------------------------------------------------------------------------------
         refresh.click(fn=lambda: [_checkpoint_update()] * 3, inputs=[], outputs=[model_a, model_b, model_c])
-        mode.change(fn=lambda m: f"`{MODES[m].formula}`", inputs=[mode], outputs=[mode_info])
+
+        def on_mode(m):
+            return [f"`{MODES[m].formula}`"] + beta_controls(m)
+
+        mode.change(fn=on_mode, inputs=[mode], outputs=[mode_info, beta, weights_beta, editing])
 
         def on_use_blocks(on, subs):
             partial = bool(on) and bool([s for s in (subs or []) if s != "all"]) and "all" not in (subs or [])
@@ -192,13 +240,15 @@ def create_tab():
 
         layout.change(fn=on_layout, inputs=[layout, weights_alpha, weights_beta], outputs=sliders + [preset, curve])
 
-        def sliders_to_text(lay, which, wa, wb, *vals):
-            text = format_vector(visible_values(list(vals), lay))
+        def sliders_to_text(lay, which, wa, wb, alpha_v, beta_v, *vals):
+            old, base = (wa, alpha_v) if which == "alpha" else (wb, beta_v)
+            text = format_vector(sliders_to_vector(list(vals), lay, old, float(base)))
             wa, wb = (text, wb) if which == "alpha" else (wa, text)
             return wa, wb, _curve(wa, wb, lay)
 
         for s in sliders:
-            s.release(fn=sliders_to_text, inputs=[layout, editing, weights_alpha, weights_beta] + sliders,
+            s.release(fn=sliders_to_text,
+                      inputs=[layout, editing, weights_alpha, weights_beta, alpha, beta] + sliders,
                       outputs=[weights_alpha, weights_beta, curve])
 
         def text_to_sliders(lay, which, wa, wb, alpha_v, beta_v, *vals):
@@ -261,20 +311,23 @@ def create_tab():
         common = [model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
                   subtargets, elemental, dtype, vae]
 
-        def do_test(*args):
+        def do_test(info, *args):
             try:
                 params = build_params(None, *args[1:])
                 res = SERVICE.test_merge(params)
             except MergeError as e:
-                return [status_html(str(e), True)]
+                return [gr.update(), gr.update(), status_html(str(e), True)]
             notes = ("; " + "; ".join(res["notes"])) if res["notes"] else ""
-            return [status_html(res["message"] + notes)]
+            marks = stale_preview(info, "Test merge") if res.get("written") else [gr.update(), gr.update()]
+            return marks + [status_html(res["message"] + notes)]
 
-        def do_restore():
+        def do_restore(info):
             try:
-                return [status_html(SERVICE.restore()["message"])]
+                res = SERVICE.restore()
             except MergeError as e:
-                return [status_html(str(e), True)]
+                return [gr.update(), gr.update(), status_html(str(e), True)]
+            marks = stale_preview(info, "Restore") if res.get("restored") else [gr.update(), gr.update()]
+            return marks + [status_html(res["message"])]
 
         def do_save(name, over, *args):
             try:
@@ -304,12 +357,15 @@ def create_tab():
                 img, info = _preview(pr, neg, sd, st, w, h, smp, cf)
             except MergeError as e:
                 return [gr.update(), gr.update(), status_html(str(e), True)]
-            return [img, info, status_html("preview rendered" + (" with the test merge live" if SERVICE.status()["live"]
-                                                                  else " with the original weights"))]
+            return [gr.update(value=img, label=PREVIEW_LABEL), gr.update(value=info, label=INFOTEXT_LABEL),
+                    status_html("preview rendered" + (" with the test merge live" if SERVICE.status()["live"]
+                                                      else " with the original weights"))]
 
         gpu = _gpu_wrap
-        test_btn.click(fn=gpu(do_test, [status]), inputs=common, outputs=[status])
-        restore_btn.click(fn=gpu(do_restore, [status]), inputs=[], outputs=[status])
+        test_btn.click(fn=gpu(do_test, [image, infotext, status]), inputs=[infotext] + common,
+                       outputs=[image, infotext, status])
+        restore_btn.click(fn=gpu(do_restore, [image, infotext, status]), inputs=[infotext],
+                          outputs=[image, infotext, status])
         save_btn.click(fn=gpu(do_save, [model_a, model_b, model_c, status]), inputs=[output, overwrite] + common,
                        outputs=[model_a, model_b, model_c, status])
         file_btn.click(fn=gpu(do_file_merge, [model_a, model_b, model_c, status]), inputs=[output, overwrite] + common,
@@ -323,6 +379,7 @@ def create_tab():
                                  "weights_alpha": weights_alpha, "weights_beta": weights_beta, "preset": preset,
                                  "subtargets": subtargets, "elemental": elemental, "dtype": dtype, "vae": vae,
                                  "output": output, "overwrite": overwrite, "status": status, "image": image,
+                                 "infotext": infotext, "editing": editing, "layout": layout,
                                  "curve": curve, "buttons": [test_btn, preview_btn, restore_btn, save_btn, file_btn,
                                                              stop_btn]}
     return tab

@@ -12,7 +12,8 @@ from typing import Any
 from .. import presets
 from ..arch import ARCHS
 from ..errors import MergeError
-from ..modes import MODES
+from ..modes import MODES, get_mode
+from ..options import SUBTARGETS, check_subtargets
 from ..weights import format_vector, parse_number, parse_weights
 from . import host
 from .service import SERVICE
@@ -70,10 +71,10 @@ def _confirm(kind: str):
                 parse_block_values(x, _arch_name())
             elif kind in ("model_b", "model_c"):
                 host.checkpoint_by_name(x, kind)
-            elif kind == "mode" and x not in MODES:
-                raise MergeError(f"unknown mode, {x!r}")
-            elif kind == "subtargets" and x not in ("all", "attn1", "attn2", "ff"):
-                raise MergeError(f"unknown sub-target, {x!r}")
+            elif kind == "mode":
+                get_mode(x)
+            elif kind == "subtargets":
+                check_subtargets([x])
             elif kind == "elemental":
                 from ..elemental import parse_rules
                 parse_rules(x, ARCHS[_arch_name()])
@@ -107,7 +108,7 @@ def axis_options(xyz) -> list:
         A(PREFIX + "elemental", str, _set("elemental"), format_value=fmt, confirm=_confirm("elemental"), cost=0.6,
           prepare=_split_bar),
         A(PREFIX + "sub-target", str, _set("subtargets"), format_value=fmt, confirm=_confirm("subtargets"), cost=0.8,
-          choices=lambda: ["all", "attn1", "attn2", "ff"]),
+          choices=lambda: list(SUBTARGETS)),
     ]
 
 
@@ -203,6 +204,9 @@ def check_grid(labels: list[str], base: dict | None) -> None:
             raise MergeError(f"BlockMerge axes cannot be combined with the {lb!r} axis (it reloads the model)")
     if base is None and "model B" not in ours:
         raise MergeError("run Test merge first or add a BlockMerge: model B axis")
+    mode = (base or {}).get("mode") or "weighted_sum"
+    if "beta" in ours and "merge mode" not in ours and not get_mode(mode).uses_beta:
+        raise MergeError(f"beta has no effect in mode {mode} (its formula has no beta), BlockMerge: beta")
     subs = base.get("subtargets") if base else None
     vector = None
     if base and base.get("preset"):
