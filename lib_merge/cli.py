@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="re-run the recipe stored in a merged file and check the bytes are identical")
     r.add_argument("file")
     r.add_argument("-o", "--output", default=None, help="where to write (default: <stem>.reproduced.safetensors beside FILE)")
-    r.add_argument("--search", action="append", default=[], metavar="DIR", help="folder to look for inputs by sha256")
+    r.add_argument("--search", action="append", default=[], metavar="DIR", help="folder (with subfolders) to look for inputs by sha256; "
+                   "the hash cache, the output's folder and the current folder are always looked in")
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--threads", type=int, default=None)
     d = sub.add_parser("demo", help="build two small checkpoints with the real SD1.5 key layout, merge them, inspect")

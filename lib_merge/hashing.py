@@ -1,14 +1,25 @@
-"""File hashes as the WebUI computes them, with a cache keyed by real path, size and mtime."""
+"""File hashes as the WebUI computes them, with a cache keyed by real path, size and mtime.
+
+The cache (``hashes.json``) also tells ``reproduce`` where each hashed file lives on this machine. It is only
+ever replaced whole (write a temporary file, then rename), so concurrent writers never leave half a file; a
+cache that is damaged or of the wrong shape is set aside with a note and rebuilt, never a reason to fail a merge.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 _lock = threading.Lock()
 BLOCK = 1 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_path() -> Path:
@@ -17,20 +28,57 @@ def cache_path() -> Path:
     return base / "hashes.json"
 
 
-def _load() -> dict:
+def _valid_entry(ent) -> bool:
+    return (isinstance(ent, dict) and isinstance(ent.get("sha256"), str) and _HEX64.fullmatch(ent["sha256"]) is not None
+            and type(ent.get("size")) is int and type(ent.get("mtime_ns")) is int)
+
+
+def _set_aside(p: Path, why: str) -> None:
+    """Keep the damaged cache for inspection (``hashes.json.bad-<time>``) and say so once on stderr."""
+    bad = p.with_name(f"{p.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
+        os.replace(p, bad)
+        where = f"set aside as {bad.name}"
+    except OSError:
+        where = "could not be set aside"
+    print(f"note: hash cache {why} ({where}); rebuilding it, {p}", file=sys.stderr)
+
+
+def _load() -> dict[str, dict]:
+    """The cache's valid entries. A file that is not JSON, not an object, or has malformed entries is set aside
+    (its valid entries are kept in the rebuilt cache)."""
+    p = cache_path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        _set_aside(p, "is not valid JSON")
+        return {}
+    if not isinstance(data, dict):
+        _set_aside(p, f"is a JSON {type(data).__name__}, not an object")
+        return {}
+    good = {k: v for k, v in data.items() if _valid_entry(v)}
+    if len(good) != len(data):
+        _set_aside(p, f"has {len(data) - len(good)} malformed entries")
+        _store(good)
+    return good
 
 
 def _store(data: dict) -> None:
     p = cache_path()
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, p)
+        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, sort_keys=True)
+            os.replace(tmp, p)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except OSError:
         pass  # a cache that cannot be written only costs time
 
@@ -41,18 +89,32 @@ def _ident(path: Path) -> tuple[str, int, int]:
     return real, st.st_size, st.st_mtime_ns
 
 
-def sha256_file(path: str | Path, progress=None) -> str:
-    """Full sha256 of a file (cached)."""
+def cached(path: str | Path) -> str | None:
+    """The cached sha256 of ``path`` if its size and mtime still match, else None (no hashing)."""
     real, size, mtime = _ident(Path(path))
     with _lock:
         ent = _load().get(real)
-    if ent and ent.get("size") == size and ent.get("mtime_ns") == mtime:
+    if ent and ent["size"] == size and ent["mtime_ns"] == mtime:
         return ent["sha256"]
+    return None
+
+
+def sha256_file(path: str | Path, progress: Callable[[int, int], None] | None = None) -> str:
+    """Full sha256 of a file (cached). ``progress(done_bytes, total_bytes)`` is called after each block read
+    (once with ``(size, size)`` when the cache answers)."""
+    real, size, mtime = _ident(Path(path))
+    hit = cached(real)
+    if hit:
+        if progress:
+            progress(size, size)
+        return hit
     h = hashlib.sha256()
     with open(real, "rb", buffering=0) as f:
         buf = bytearray(16 * BLOCK)
         mv = memoryview(buf)
         done = 0
+        if progress:
+            progress(0, size)
         while True:
             n = f.readinto(buf)
             if not n:
@@ -75,6 +137,23 @@ def remember(path: str | Path, digest: str, size: int | None = None, mtime_ns: i
         data = _load()
         data[real] = {"sha256": digest, "size": size, "mtime_ns": mtime_ns}
         _store(data)
+
+
+def paths_with(sha256: str) -> tuple[list[str], list[str]]:
+    """Files on this machine that the cache says had ``sha256``: those unchanged since hashed, and those that
+    still exist but whose size or mtime changed (reproduce then says "changed" rather than "not found")."""
+    with _lock:
+        data = _load()
+    same, changed = [], []
+    for real, ent in sorted(data.items()):
+        if ent["sha256"] != sha256:
+            continue
+        try:
+            st = os.stat(real)
+        except OSError:
+            continue
+        (same if st.st_size == ent["size"] and st.st_mtime_ns == ent["mtime_ns"] else changed).append(real)
+    return same, changed
 
 
 def legacy_hash(path: str | Path) -> str:

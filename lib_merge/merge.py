@@ -11,7 +11,8 @@ from typing import Callable
 from . import hashing
 from .errors import MergeError
 from .filesink import FileSink
-from .metadata import InputFile, build_metadata, output_stem
+from .dtypes import is_float
+from .metadata import InputFile, build_metadata, file_name, output_stem
 from .plan import Plan, build_plan
 from .recipe import Recipe
 from .sources import Source, open_source
@@ -32,9 +33,27 @@ class MergeResult:
 
 
 def normalize_recipe(recipe: Recipe) -> Recipe:
-    """Record input paths as absolute paths (what reproduce looks for first)."""
+    """Input paths as absolute ``str`` (Path objects and relative paths accepted), so the recipe keeps naming the
+    same files if the working folder changes. The metadata records only file names and sha256 either way."""
     return replace(recipe, models=[os.path.abspath(m) for m in recipe.models],
                    bake_vae=os.path.abspath(recipe.bake_vae) if recipe.bake_vae else None)
+
+
+def _hash(path: Path, progress: Callable[[str, int, int], None] | None) -> str:
+    """sha256 of an input, reporting ("hashing NAME", done_bytes, total_bytes) while it reads."""
+    stage = f"hashing {path.name}"
+    return hashing.sha256_file(path, (lambda done, total: progress(stage, done, total)) if progress else None)
+
+
+def _input(role: str, recorded, src: Source, progress) -> InputFile:
+    return InputFile(role, file_name(recorded), _hash(src.path, progress), hashing.legacy_hash(src.path),
+                     dict(src.metadata) if role != "vae" else {})
+
+
+def writes_only_fp16(plan: Plan) -> bool:
+    """The WebUI's ``save_as_half``: every float tensor the file holds is fp16."""
+    floats = [kp.out_dtype for kp in plan.keys if is_float(kp.out_dtype)]
+    return bool(floats) and all(dt == "F16" for dt in floats)
 
 
 def check_output_path(output: Path, inputs: list[Path], overwrite: bool) -> Path:
@@ -55,36 +74,35 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool) -> Path
 def merge_to_file(recipe: Recipe, output: str | Path, *, overwrite: bool = False, threads: int | None = None,
                   device: str = "cpu", progress: Callable[[str, int, int], None] | None = None,
                   cancel: Callable[[], bool] | None = None, locate: dict[str, str] | None = None,
-                  output_name: str | None = None) -> MergeResult:
-    """Merge to ``output``. ``locate`` maps recorded input paths to where they are now, and ``output_name``
-    is the name recorded in the metadata (default: the output's stem); reproduce uses both."""
+                  output_name: str | None = None, metadata: dict[str, str] | None = None) -> MergeResult:
+    """Merge to ``output``. Inputs may be str or Path, relative or absolute: the metadata records their file
+    names and sha256 only. ``locate`` maps a role ("a", "b", "c", "vae") to where that input is now (the
+    recipe's entry then only gives the recorded name), ``output_name`` is the name
+    recorded in the metadata (default: the output's stem), and ``metadata`` replaces the metadata built here
+    (reproduce of a file written with an older metadata layout)."""
     t0 = time.perf_counter()
     recipe.validate()
     locate = locate or {}
-    paths = [Path(locate.get(m, m)) for m in recipe.models]
-    vae_path = Path(locate.get(recipe.bake_vae, recipe.bake_vae)) if recipe.bake_vae else None
+    recorded = [os.fspath(m) for m in recipe.models]
+    paths = [Path(locate.get(role, m)) for role, m in zip("abc", recorded)]
+    vae_rec = os.fspath(recipe.bake_vae) if recipe.bake_vae else None
+    vae_path = Path(locate.get("vae", vae_rec)) if vae_rec else None
     out = check_output_path(Path(output), paths + ([vae_path] if vae_path else []), overwrite)
     with ExitStack() as stack:
         sources: list[Source] = [stack.enter_context(open_source(p)) for p in paths]
         bake = stack.enter_context(open_source(vae_path)) if vae_path else None
         plan = build_plan(recipe, sources, bake)
-        inputs = []
-        roles = "abc"
-        for i, (src, rec) in enumerate(zip(sources, recipe.models)):
-            if progress:
-                progress(f"hashing {src.path.name}", 0, 1)
-            inputs.append(InputFile(roles[i], rec, Path(rec).name.rsplit(".", 1)[0], hashing.sha256_file(src.path),
-                                    hashing.legacy_hash(src.path), src.metadata))
+        inputs = [_input(role, rec, src, progress) for role, rec, src in zip("abc", recorded, sources)]
         if bake is not None:
-            inputs.append(InputFile("vae", recipe.bake_vae, Path(recipe.bake_vae).name.rsplit(".", 1)[0],
-                                    hashing.sha256_file(bake.path), hashing.legacy_hash(bake.path), {}))
-        resolved = {"arch": plan.arch.name, "weights_alpha": plan.alpha_vector, "weights_beta": plan.beta_vector}
-        det = plan.detected[0]
-        meta = build_metadata(recipe, inputs, output_name or output_stem(out), resolved,
-                              det.variant == "inpainting", det.variant == "pix2pix")
-        sink = FileSink(plan, sources, bake, meta, threads=threads, device=device)
+            inputs.append(_input("vae", vae_rec, bake, progress))
+        if metadata is None:
+            resolved = {"arch": plan.arch.name, "weights_alpha": plan.alpha_vector, "weights_beta": plan.beta_vector}
+            det = plan.detected[0]
+            metadata = build_metadata(recipe, inputs, output_name or output_stem(out), resolved,
+                                      det.variant == "inpainting", det.variant == "pix2pix", writes_only_fp16(plan))
+        sink = FileSink(plan, sources, bake, metadata, threads=threads, device=device)
         cb = (lambda done, total: progress("merging", done, total)) if progress else None
         digest = sink.write(out, overwrite, cb, cancel)
         read = {os.path.realpath(s.path): s.bytes_read for s in sources}
     hashing.remember(out, digest)
-    return MergeResult(out, digest, plan, time.perf_counter() - t0, meta, read)
+    return MergeResult(out, digest, plan, time.perf_counter() - t0, metadata, read)

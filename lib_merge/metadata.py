@@ -1,21 +1,35 @@
-"""safetensors metadata for merged files: the WebUI's ``sd_merge_recipe``/``sd_merge_models`` and our recipe."""
+"""safetensors metadata for merged files: the WebUI's ``sd_merge_recipe``/``sd_merge_models`` and our recipe.
+
+Inputs are recorded by file name and sha256 only: a shared model must not reveal the folders of the machine it
+was made on, and ``reproduce`` finds inputs by sha256 anyway.
+"""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .recipe import Recipe
 
 
+# The WebUI's own spellings of the modes its built-in merger has (modules/extras.py interp_method).
+WEBUI_INTERP = {"weighted_sum": "Weighted sum", "add_difference": "Add difference",
+                "no_interpolation": "No interpolation"}
+
+
 @dataclass(frozen=True)
 class InputFile:
     role: str  # "a" | "b" | "c" | "vae"
-    path: str  # as recorded in the recipe
-    name: str  # file stem
+    name: str  # file name with its extension, no folder ("model.safetensors")
     sha256: str
     legacy_hash: str
     metadata: dict[str, str]
+
+
+def file_name(path) -> str:
+    """The bare file name recorded for an input given as a str or Path, relative or absolute."""
+    return os.path.basename(os.fspath(path))
 
 
 def _json(obj) -> str:
@@ -32,8 +46,9 @@ def _parse(text: str | None):
 
 
 def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, resolved: dict,
-                   is_inpainting: bool, is_pix2pix: bool) -> dict[str, str]:
-    """All values are strings (safetensors requires it). Deterministic: no timestamps."""
+                   is_inpainting: bool, is_pix2pix: bool, save_as_half: bool) -> dict[str, str]:
+    """All values are strings (safetensors requires it). Deterministic: no timestamps. ``save_as_half``: every
+    written float tensor is fp16 (what the WebUI's flag means, whatever the dtype option said)."""
     models = [i for i in inputs if i.role in ("a", "b", "c")]
     hashes = [m.sha256 for m in models] + [None] * (3 - len(models))
     vae = next((i for i in inputs if i.role == "vae"), None)
@@ -42,9 +57,9 @@ def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, re
         "primary_model_hash": hashes[0],
         "secondary_model_hash": hashes[1],
         "tertiary_model_hash": hashes[2],
-        "interp_method": recipe.mode,
-        "multiplier": recipe.alpha,
-        "save_as_half": recipe.dtype == "fp16",
+        "interp_method": WEBUI_INTERP.get(recipe.mode, recipe.mode),
+        "multiplier": float(recipe.alpha),
+        "save_as_half": bool(save_as_half),
         "custom_name": output_name,
         "config_source": None,
         "bake_in_vae": vae.name if vae else None,
@@ -61,6 +76,9 @@ def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, re
         lineage[m.sha256] = {"name": m.name, "legacy_hash": m.legacy_hash,
                              "sd_merge_recipe": _parse(m.metadata.get("sd_merge_recipe"))}
     ours = recipe.to_dict()
+    ours["alpha"], ours["beta"] = float(recipe.alpha), float(recipe.beta)  # the API's 1 is the CLI's 1.0
+    ours["models"] = [m.name for m in models]
+    ours["bake_vae"] = vae.name if vae else None
     ours["inputs"] = [{"role": i.role, "name": i.name, "sha256": i.sha256} for i in inputs]
     ours["resolved"] = resolved
     return {

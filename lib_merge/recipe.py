@@ -69,12 +69,26 @@ class Recipe:
         if unknown:
             raise MergeError(f"unknown recipe field {unknown[0]!r}, {origin}")
         kw = {k: v for k, v in data.items() if k in known}
-        models = kw.get("models", [])
-        kw["models"] = [m["path"] if isinstance(m, dict) else str(m) for m in models]
+        kw["models"] = _model_entries(kw.get("models", []), origin)
         r = cls(**kw)
         r.alpha = float(r.alpha)
         r.beta = float(r.beta)
         return r
+
+
+def _model_entries(models: Any, origin: str) -> list[str]:
+    """``models`` as paths or file names: strings (a merged file records bare file names, older ones absolute
+    paths), or objects with a ``name`` or ``path`` string."""
+    if not isinstance(models, list):
+        raise MergeError(f"recipe field models must be a list of file names, {origin}")
+    out = []
+    for m in models:
+        if isinstance(m, dict):
+            m = m.get("path", m.get("name"))
+        if not isinstance(m, str) or not m:
+            raise MergeError(f"recipe field models has an entry that is not a file name: {m!r}, {origin}")
+        out.append(m)
+    return out
 
 
 def load_recipe_file(path: str | Path) -> Recipe:

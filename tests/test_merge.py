@@ -305,7 +305,7 @@ def test_bake_vae(models, out_dir, tmp_path):
     O = load(out)
     assert all(torch.equal(O[k], torch.full_like(A[k], 0.125)) for k in A if k.startswith("first_stage_model."))
     assert "loss.logvar" not in O
-    assert json.loads(res.metadata["sd_merge_recipe"])["bake_in_vae"] == "vae"
+    assert json.loads(res.metadata["sd_merge_recipe"])["bake_in_vae"] == "vae.safetensors"  # the WebUI names VAEs by file name
     bad = dict(vae)
     bad["decoder.conv_in.weight"] = torch.zeros(1)
     save_file(bad, str(tmp_path / "bad_vae.safetensors"))
@@ -326,7 +326,7 @@ def test_metadata_and_lineage(models, out_dir):
     meta = res.metadata
     assert meta["format"] == "pt"
     sd = json.loads(meta["sd_merge_recipe"])
-    assert sd["type"] == "blockmerge" and sd["interp_method"] == "weighted_sum"
+    assert sd["type"] == "blockmerge" and sd["interp_method"] == "Weighted sum"
     assert sd["primary_model_hash"] == hashing.sha256_file(first)
     assert sd["secondary_model_hash"] == hashing.sha256_file(models["sd15_c"])
     assert sd["tertiary_model_hash"] is None
@@ -356,7 +356,7 @@ def test_reproduce_identical(models, out_dir, tmp_path):
     assert ok, detail
     assert new.name == "m.reproduced.safetensors" and open(new, "rb").read() == open(out, "rb").read()
     rec = json.loads(load_meta(out)["blockmerge_recipe"])
-    assert rec["models"] == [str(models["sd15_a"]), str(models["sd15_b"]), str(models["sd15_c"])]
+    assert rec["models"] == ["sd15_a.safetensors", "sd15_b.safetensors", "sd15_c.safetensors"]  # names, no folders
     with pytest.raises(MergeError, match="output exists"):
         reproduce(str(out))
 
