@@ -22,13 +22,13 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from .compute import merge_tensors
-from .dtypes import ST_TO_TORCH
-from .errors import MergeError, MergeInterrupted
-from . import pages
-from .plan import KeyPlan, Plan, build_plan
-from .recipe import Recipe
-from .sources import Source, open_source
+from ..compute import merge_tensors
+from ..dtypes import ST_TO_TORCH
+from ..errors import MergeError, MergeInterrupted
+from .. import pages
+from ..plan import KeyPlan, Plan, build_plan
+from ..recipe import Recipe
+from ..sources import Source, open_source
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB of fp32): cache-friendly, and few GIL round trips per tensor
 
