@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lib_merge import synthetic as S
 from lib_merge.live import LiveSession
@@ -168,3 +169,34 @@ def test_a_cache_is_closed_only_after_the_copier_left_it(models, sd15_listing, t
     assert not closed_while_copying, "the cache was closed while the copier was copying into it"
     assert len(b) == 0 and thread_errors == []
     session.close()
+
+
+def test_mapping_a_tensor_while_the_copier_unmaps_the_file(models, monkeypatch, thread_errors):
+    """``peek`` maps a tensor while the copier drops the cache's mapping: before the fix ``_mmap_view`` checked
+    the mapping, then read the attribute again to use it. The wrapper holds the request thread at the last step
+    before the use (``warnings.catch_warnings``, the same in both versions) until the copier has finished."""
+    import warnings
+    from lib_merge.live import TensorCache
+    from lib_merge.sources import open_source
+    with open_source(models["sd15_b"]) as src:
+        k1, k2 = list(src.infos)[:2]
+    cache = TensorCache(models["sd15_b"], "cpu")
+    cache.get(k1)  # mapped: the copier has one tensor to copy, then drops the mapping
+    copier = threading.Thread(target=cache.materialize, name="blockmerge-cache-copy")
+    real = warnings.catch_warnings
+    fired = []
+
+    def catch_warnings(*args, **kw):
+        if threading.current_thread() is threading.main_thread() and not fired:
+            fired.append(1)
+            copier.start()
+            copier.join(JOIN_S)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(warnings, "catch_warnings", catch_warnings)
+    got = cache.peek(k2)
+    monkeypatch.setattr(warnings, "catch_warnings", real)
+    assert fired and not copier.is_alive() and thread_errors == []
+    assert torch.equal(got, load_file(str(models["sd15_b"]))[k2])
+    assert cache.uncopied() == 0 and k1 in cache
+    cache.close()
