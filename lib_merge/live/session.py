@@ -1,4 +1,4 @@
-"""The live sink: apply a planned merge in place to a loaded model's parameters, re-merge incrementally,
+"""A live session: apply a planned merge in place to a loaded model's parameters, re-merge incrementally,
 roll back on interrupt, restore the original weights exactly.
 
 Host-independent: the host adapter (``lib_merge.webui``) supplies a :class:`LiveTarget`, i.e. the mapping from
