@@ -2,7 +2,7 @@
 with the real key names), side by side in one run: first (cold) test merge, a full re-merge from warm caches, a
 re-merge after changing one block (OUT05), and a restore; plus the plain-torch floors for the same work.
 
-    python bench/live_bench.py [--dir bench/out] [--cache cpu|mmap]
+    python bench/live_bench.py [--dir bench/out] [--cache cpu|mmap|gpu]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from lib_merge import synthetic  # noqa: E402
 from lib_merge.arch import ARCHS, block_of  # noqa: E402
-from lib_merge.live import LiveSession, fingerprint  # noqa: E402
+from lib_merge.live import CachePolicy, LiveSession, fingerprint  # noqa: E402
 from lib_merge.recipe import Recipe  # noqa: E402
 
 GRAD_V = [0.0, 1, 0.9166666667, 0.8333333333, 0.75, 0.6666666667, 0.5833333333, 0.5, 0.4166666667, 0.3333333333,
@@ -55,7 +55,7 @@ class Target:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default=str(ROOT / "bench" / "out"))
-    ap.add_argument("--cache", default="cpu", choices=["cpu", "mmap"])
+    ap.add_argument("--cache", default="cpu", choices=[p.value for p in CachePolicy])
     args = ap.parse_args()
     d = Path(args.dir)
     sys.argv = [sys.argv[0], "--dir", str(d)]
@@ -78,7 +78,7 @@ def main() -> None:
     import gc
     gc.collect()
     anon_before, _ = rss()
-    session = LiveSession(target, a, cache_device=args.cache)
+    session = LiveSession(target, a, cache=args.cache)
     vec = list(GRAD_V)
     r = Recipe(models=[str(a), str(b)], weights=",".join(map(str, vec)))
     rep_first = session.apply(r)

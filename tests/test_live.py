@@ -7,7 +7,7 @@ from lib_merge import presets
 from lib_merge import synthetic as S
 from lib_merge.arch import ARCHS, block_of
 from lib_merge.errors import MergeError, MergeInterrupted
-from lib_merge.live import LiveSession, fingerprint
+from lib_merge.live import CachePolicy, LiveSession, fingerprint
 from lib_merge.merge import merge_to_file
 from lib_merge.recipe import Recipe
 
@@ -30,13 +30,28 @@ class ModuleTarget:
         self.written_keys.append(list(keys))
 
 
-@pytest.fixture
-def live(models, sd15_listing):
+def _live(models, sd15_listing, policy):
     module = S.build_module(sd15_listing, dtype=torch.float32)
     S.load_into(module, models["sd15_a"])
     target = ModuleTarget(module)
-    session = LiveSession(target, models["sd15_a"])
+    session = LiveSession(target, models["sd15_a"], cache=policy)
     return session, target, module
+
+
+@pytest.fixture(params=[CachePolicy.CPU, CachePolicy.MMAP], ids=lambda p: p.value)
+def live(request, models, sd15_listing):
+    """A session under each policy a CPU machine has: what a merge writes must not depend on it."""
+    session, target, module = _live(models, sd15_listing, request.param)
+    yield session, target, module
+    session.close()
+
+
+@pytest.fixture
+def live_cpu(models, sd15_listing):
+    """A ``cpu`` session: tests of what the RAM cache saves (no file reads after the first merge)."""
+    session, target, module = _live(models, sd15_listing, CachePolicy.CPU)
+    yield session, target, module
+    session.close()
 
 
 def recipe(models, **kw):
@@ -59,10 +74,10 @@ def test_merge_then_restore_is_bit_exact(live, models):
     assert fingerprint(dict(module.named_parameters())) == before
 
 
-def test_ratio_zero_keys_are_checked_not_written_and_later_merges_read_no_file(live, models):
+def test_ratio_zero_keys_are_checked_not_written_and_later_merges_read_no_file(live_cpu, models):
     """GRAD_V puts BASE and M00 at 0: those keys stay A (not written, A not cached: the live weight holds it),
     B is still cached for them, and a later recipe that moves them reads no file and equals a fresh merge."""
-    session, target, module = live
+    session, target, module = live_cpu
     params = dict(module.named_parameters())
     m00 = [k for k in session.keys if block_of(k, ARCHS["sd1"]) in ("M00", "BASE")]
     before = {k: params[k].detach().clone() for k in m00}
@@ -70,8 +85,8 @@ def test_ratio_zero_keys_are_checked_not_written_and_later_merges_read_no_file(l
     assert session.wait_cached(60)
     assert set(session.verified) == set(session.keys)  # every key was checked against A's file
     assert all(torch.equal(params[k], before[k]) for k in m00)
-    assert not any(k in session.a.tensors for k in m00)
-    assert all(k in session.others[str(models["sd15_b"].resolve())].tensors for k in m00)
+    assert not any(k in session.a for k in m00)
+    assert all(k in session.others[str(models["sd15_b"].resolve())] for k in m00)
     reads = dict(session.bytes_read())
     rep = session.apply(recipe(models, alpha=0.5))
     grad_v = presets.resolve("GRAD_V", ARCHS["sd1"])
@@ -98,13 +113,13 @@ def test_mismatch_in_an_unwritten_key_is_still_refused(live, models):
     assert fingerprint(dict(module.named_parameters())) == changed != before  # nothing else was left merged
 
 
-def test_cpu_cache_is_copied_into_ram_after_the_first_merge(live, models, tmp_path):
-    session, target, module = live
+def test_cpu_cache_is_copied_into_ram_after_the_first_merge(live_cpu, models, tmp_path):
+    session, target, module = live_cpu
     before = fingerprint(dict(module.named_parameters()))
     session.apply(recipe(models, preset="GRAD_V"))
     assert session.wait_cached(60)
     reads = dict(session.bytes_read())
-    assert not session.a._mapped and all(not c._mapped for c in session.others.values())
+    assert session.a.uncopied() == 0 and all(c.uncopied() == 0 for c in session.others.values())
     # the cache no longer depends on the file: the copies are plain RAM tensors with A's bytes
     key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
     assert torch.equal(session.a.get(key), load(models["sd15_a"])[key])
@@ -123,8 +138,8 @@ def test_live_values_follow_the_formula(live, models):
         torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
 
 
-def test_incremental_remerge_touches_only_changed_block(live, models):
-    session, target, module = live
+def test_incremental_remerge_touches_only_changed_block(live_cpu, models):
+    session, target, module = live_cpu
     vec = ["0.5"] * 26
     session.apply(recipe(models, weights=",".join(vec)))
     read_after_first = dict(session.bytes_read())
@@ -172,7 +187,7 @@ def test_interrupt_of_first_merge_restores_original(live, models):
 def test_exception_midway_rolls_back(live, models, monkeypatch):
     session, target, module = live
     before = fingerprint(dict(module.named_parameters()))
-    import lib_merge.live as L
+    import lib_merge.live.session as L
     real = L.merge_tensors
     n = []
 
@@ -260,3 +275,66 @@ def test_three_model_modes_and_switching_modes(live, models):
     rep = session.apply(recipe(models, mode="no_interpolation", names=["sd15_a"]))
     assert rep.written == len(session.keys)
     assert fingerprint(dict(module.named_parameters())) == before
+
+
+def test_cache_policy_parse_names_the_bad_value():
+    assert CachePolicy.parse("mmap") is CachePolicy.MMAP and CachePolicy.parse(" CPU ") is CachePolicy.CPU
+    assert CachePolicy.parse(CachePolicy.GPU) is CachePolicy.GPU
+    with pytest.raises(MergeError, match=r"^unknown cache policy 'ram' \(use cpu, mmap, gpu\), cache policy$"):
+        CachePolicy.parse("ram")
+    with pytest.raises(MergeError, match=r"unknown cache policy 'cuda' \(use cpu, mmap, gpu\), blockmerge_cache_device"):
+        CachePolicy.parse("cuda", "blockmerge_cache_device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_policy_without_cuda_is_refused_before_anything_changes(live_cpu, models):
+    session, target, module = live_cpu
+    msg = "the gpu cache policy needs a CUDA device and torch sees none, cache policy gpu"
+    with pytest.raises(MergeError, match=msg):
+        LiveSession(target, models["sd15_a"], cache="gpu")
+    session.apply(recipe(models, alpha=0.4))
+    merged = fingerprint(dict(module.named_parameters()))
+    with pytest.raises(MergeError, match=msg):
+        session.set_policy(CachePolicy.GPU)
+    assert session.policy is CachePolicy.CPU and session.snapshot().policy is CachePolicy.CPU
+    session.apply(recipe(models, alpha=0.6))
+    session.apply(recipe(models, alpha=0.4))
+    assert fingerprint(dict(module.named_parameters())) == merged
+
+
+def test_policy_change_keeps_the_merge_and_applies_to_later_requests(live_cpu, models):
+    """cpu -> mmap drops the RAM copies (the files are unchanged: their views hold the same values) and a
+    re-merge maps the files again; mmap -> cpu copies into RAM after the next merge. Restore stays exact."""
+    session, target, module = live_cpu
+    before = fingerprint(dict(module.named_parameters()))
+    session.apply(recipe(models, alpha=0.3))
+    assert session.wait_cached(60)
+    b = session.others[str(models["sd15_b"].resolve())]
+    assert len(b) == len(session.keys)
+    assert session.set_policy("mmap") and not session.set_policy(CachePolicy.MMAP)
+    assert len(session.a) == 0 and len(b) == 0 and session.snapshot().policy is CachePolicy.MMAP
+    reads = sum(session.bytes_read().values())
+    session.apply(recipe(models, alpha=0.7))
+    assert sum(session.bytes_read().values()) > reads  # mapped from the files again
+    assert 0 < len(b) and b.uncopied() == 0  # views of the file: nothing to copy under mmap
+    assert session.set_policy("cpu")
+    session.apply(recipe(models, alpha=0.3))
+    assert session.wait_cached(60) and all(c.uncopied() == 0 for c in session.others.values())
+    fresh_module = S.build_module(S.tiny(S.load_listing("sd15")), dtype=torch.float32)
+    S.load_into(fresh_module, models["sd15_a"])
+    LiveSession(ModuleTarget(fresh_module), models["sd15_a"], cache="mmap").apply(recipe(models, alpha=0.3))
+    assert fingerprint(dict(module.named_parameters())) == fingerprint(dict(fresh_module.named_parameters()))
+    session.restore()
+    assert fingerprint(dict(module.named_parameters())) == before
+
+
+def test_status_snapshot_counts_merged_tensors(live, models):
+    session, target, module = live
+    snap = session.snapshot()
+    assert not snap.merged and snap.merged_tensors == 0 and snap.policy is session.policy
+    rep = session.apply(recipe(models, preset="GRAD_V"))
+    snap = session.snapshot()
+    assert snap.merged and snap.merged_tensors == rep.written == len(session.merged_keys())
+    assert snap.bytes_read == session.bytes_read() and snap.bytes_read[str(models["sd15_b"].resolve())] > 0
+    session.restore()
+    assert session.snapshot().merged_tensors == 0 and not session.snapshot().merged

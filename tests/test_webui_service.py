@@ -238,3 +238,43 @@ def test_reload_of_another_model_during_a_generation_stops_it_without_a_false_la
     assert svc.status()["live"] is False and shared.state.interrupted
     assert p.extra_generation_params == {"Steps": 2}
     assert svc.last_message.startswith("merge lost by a checkpoint reload and not re-applied: model_a is not")
+
+
+def test_cache_setting_takes_effect_at_the_next_test_merge(webui):
+    """The setting is read at every Test merge (it was read once per session): the merge stays live across the
+    change and restores bit-exact; "gpu" without CUDA (or without room) falls back to RAM."""
+    from lib_merge.errors import MergeError
+    svc, model, shared = webui["svc"], webui["model"], webui["shared"]
+    before = live_fp(model)
+    svc.test_merge({"model_b": "synthB", "alpha": 0.3})
+    merged = live_fp(model)
+    assert svc.status()["cache_device"] == "cpu"
+    shared.opts.data["blockmerge_cache_device"] = "mmap"
+    assert svc.status()["cache_device"] == "cpu"  # until the next test merge
+    res = svc.test_merge({"model_b": "synthB", "alpha": 0.6})
+    assert res["live"] and svc.status()["cache_device"] == "mmap"
+    svc.test_merge({"model_b": "synthB", "alpha": 0.3})
+    assert live_fp(model) == merged
+    if not torch.cuda.is_available():
+        shared.opts.data["blockmerge_cache_device"] = "gpu"
+        svc.test_merge({"model_b": "synthB", "alpha": 0.3})
+        assert svc.status()["cache_device"] == "cpu"
+    shared.opts.data["blockmerge_cache_device"] = "ram"
+    with pytest.raises(MergeError, match=r"unknown cache policy 'ram' \(use cpu, mmap, gpu\), blockmerge_cache_device"):
+        svc.test_merge({"model_b": "synthB", "alpha": 0.5})
+    assert live_fp(model) == merged and svc.status()["live"]  # refused before anything changed
+    svc.restore()
+    assert live_fp(model) == before
+
+
+def test_forge_message_says_save_needs_the_live_merge(webui, monkeypatch):
+    """Save writes the live test merge, which Forge cannot run: the message must not promise Save."""
+    from lib_merge.webui import host
+    monkeypatch.setattr(host, "is_forge", lambda: True)
+    reason = host.unsupported_reason(webui["model"])
+    assert reason == ("the live test merge is not supported on Forge-family WebUIs, so neither is Save (it saves "
+                      "the live test merge); Merge to file works")
+    with pytest.raises(host.MergeError, match="not supported on Forge-family WebUIs, so neither is Save"):
+        webui["svc"].test_merge({"model_b": "synthB"})
+    with pytest.raises(host.MergeError, match="no test merge is live: run Test merge first"):
+        webui["svc"].save("out")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import presets
+from ..live import CachePolicy
 from ..options import DEFAULT_SAVE_DTYPE, DTYPE_CHOICES
 from . import host
 from .service import SERVICE
@@ -26,10 +27,10 @@ def on_ui_settings():
     from modules import shared
     section = ("blockmerge", "BlockMerge")
     shared.opts.add_option(host.OPT_CACHE_DEVICE, shared.OptionInfo(
-        "cpu", "Test merge: where to cache source weights (A, B, C in their file dtype)", gr.Radio,
-        {"choices": ["cpu", "gpu", "mmap"]}, section=section).info(
+        CachePolicy.CPU.value, "Test merge: where to cache source weights (A, B, C in their file dtype)", gr.Radio,
+        {"choices": [p.value for p in CachePolicy]}, section=section).info(
         "cpu: RAM (no file reads after the first merge); gpu: VRAM when there is room; "
-        "mmap: read through the page cache (least memory)"))
+        "mmap: read through the page cache (least memory); applies from the next Test merge"))
     shared.opts.add_option(host.OPT_DEFAULT_DTYPE, shared.OptionInfo(
         DEFAULT_SAVE_DTYPE, "Default dtype of saved merges", gr.Radio, {"choices": list(DTYPE_CHOICES)},
         section=section))

@@ -52,7 +52,8 @@ def is_forge() -> bool:
 def unsupported_reason(model) -> str | None:
     """Why a live merge cannot run on this host/model, as a message for the user (None when it can)."""
     if is_forge():
-        return "the live test merge is not supported on Forge-family WebUIs; file merges (Save / Merge to file) work"
+        return ("the live test merge is not supported on Forge-family WebUIs, so neither is Save (it saves the live "
+                "test merge); Merge to file works")
     if model is None:
         return "no model is loaded; load a checkpoint first"
     if getattr(_m("devices"), "fp8", False):

@@ -11,7 +11,6 @@ import os
 import shutil
 import time
 import weakref
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,9 @@ import torch
 
 from ..arch import ARCHS, block_of
 from ..errors import MergeError
-from ..live import LiveSession
+from ..live import CachePolicy, LiveSession
 from ..merge import merge_to_file
+from ..options import DEFAULT_SAVE_DTYPE
 from . import host
 from .names import output_path
 from .params import to_recipe
@@ -81,27 +81,30 @@ class Service:
     def _session_for(self, model) -> LiveSession:
         a_path = os.path.realpath(model.sd_checkpoint_info.filename)
         s = self.session
+        policy = self._cache_policy(model)  # read at every test merge: a changed setting applies now
         if s is not None and self.model_ref is not None and self.model_ref() is model and s.a.id.path == a_path \
                 and s.a.valid():
+            s.set_policy(policy)
             return s
         self.drop("new model")
-        device = host.opt(host.OPT_CACHE_DEVICE, "cpu")
-        if device == "gpu":
-            device = self._gpu_cache_device(model)
-        self.session = LiveSession(WebUITarget(model), a_path, cache_device=device)
+        self.session = LiveSession(WebUITarget(model), a_path, cache=policy)
         self.model_ref = weakref.ref(model)
         return self.session
 
     @staticmethod
-    def _gpu_cache_device(model) -> str:
+    def _cache_policy(model) -> CachePolicy:
+        """The cache setting; ``gpu`` means VRAM when there is room (3x A's file free, no --lowvram), else RAM."""
+        policy = CachePolicy.parse(host.opt(host.OPT_CACHE_DEVICE, "cpu"), host.OPT_CACHE_DEVICE)
+        if policy is not CachePolicy.GPU:
+            return policy
         if getattr(model, "lowvram", False) or not torch.cuda.is_available():
-            return "cpu"
+            return CachePolicy.CPU
         try:
             free, _ = torch.cuda.mem_get_info()
         except Exception:
-            return "cpu"
+            return CachePolicy.CPU
         size = os.path.getsize(model.sd_checkpoint_info.filename)
-        return "cuda" if free > 3 * size else "cpu"
+        return CachePolicy.GPU if free > 3 * size else CachePolicy.CPU
 
     def drop(self, why: str) -> None:
         if self.session is not None:
@@ -119,7 +122,7 @@ class Service:
         arch = ARCHS.get(s.plan.arch.name) if s.plan else ARCHS["sd1"]
         params = s.target.params()
         best: dict[str, str] = {}
-        for k in s.signatures:
+        for k in s.merged_keys():
             b = block_of(k, arch)
             if b not in best or params[k].numel() < params[best[b]].numel():
                 best[b] = k
@@ -186,7 +189,7 @@ class Service:
             p["dtype"] = dtype
         if vae:
             p["vae"] = vae
-        p.setdefault("dtype", host.opt(host.OPT_DEFAULT_DTYPE, "fp16"))
+        p.setdefault("dtype", host.opt(host.OPT_DEFAULT_DTYPE, DEFAULT_SAVE_DTYPE))
         model = host.loaded_model()
         loaded_path = model.sd_checkpoint_info.filename if model is not None and getattr(model, "sd_checkpoint_info", None) else None
         recipe = to_recipe(p, self.resolve_model, loaded_path)
@@ -267,22 +270,23 @@ class Service:
         return {"BlockMerge": text, "BlockMerge hash": hashlib.sha256(text.encode()).hexdigest()[:10]}
 
     def status(self) -> dict:
+        """Runs beside a test merge without a lock (``GET status``): reads the session's snapshot only."""
         model = host.loaded_model()
-        s = self.session
-        live = bool(s is not None and self.model_ref is not None and self.model_ref() is model and s.is_merged)
+        s, ref = self.session, self.model_ref
+        snap = s.snapshot() if s is not None else None
+        live = bool(snap is not None and ref is not None and ref() is model and snap.merged)
         reads = dict(self.file_bytes_read)
-        if s is not None:
-            for path, n in s.bytes_read().items():
-                reads[path] = reads.get(path, 0) + n
+        for path, n in (snap.bytes_read if snap else {}).items():
+            reads[path] = reads.get(path, 0) + n
         info = getattr(model, "sd_checkpoint_info", None) if model is not None else None
         return {
             "loaded": getattr(info, "title", None),
             "live": live,
-            "merged_tensors": sum(1 for v in s.signatures.values() if v != ("original",)) if s else 0,
+            "merged_tensors": snap.merged_tensors if snap else 0,
             "params": self.live_params if live else None,
             "progress": dict(self.progress),
             "bytes_read": reads,
-            "cache_device": s.cache_device if s else None,
+            "cache_device": snap.policy.value if snap else None,
             "message": self.last_message,
             "unsupported": host.unsupported_reason(model) if model is not None else None,
         }

@@ -1,4 +1,4 @@
-"""The live sink: apply a planned merge in place to a loaded model's parameters, re-merge incrementally,
+"""A live session: apply a planned merge in place to a loaded model's parameters, re-merge incrementally,
 roll back on interrupt, restore the original weights exactly.
 
 Host-independent: the host adapter (``lib_merge.webui``) supplies a :class:`LiveTarget`, i.e. the mapping from
@@ -12,23 +12,21 @@ first write of a key), merged in fp32 scratch buffers that are reused, and writt
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
 
-from .compute import merge_tensors
-from .dtypes import ST_TO_TORCH
-from .errors import MergeError, MergeInterrupted
-from . import pages
-from .plan import KeyPlan, Plan, build_plan
-from .recipe import Recipe
-from .sources import Source, open_source
+from ..compute import merge_tensors
+from ..dtypes import ST_TO_TORCH
+from ..errors import MergeError, MergeInterrupted
+from ..plan import KeyPlan, Plan, build_plan
+from ..recipe import Recipe
+from .cache import SourceId, TensorCache
+from .policy import CachePolicy
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB of fp32): cache-friendly, and few GIL round trips per tensor
 
@@ -46,165 +44,17 @@ class LiveTarget(Protocol):
         """After every write: clear host caches that depend on these weights."""
 
 
-@dataclass(frozen=True)
-class SourceId:
-    path: str
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: str | os.PathLike) -> "SourceId":
-        real = os.path.realpath(path)
-        st = os.stat(real)
-        return cls(real, st.st_size, st.st_mtime_ns)
-
-
-class TensorCache:
-    """A file's tensors in the file's dtype: in RAM (``cpu``), on a GPU (``cuda…``), or mapped (``mmap``).
-
-    ``cpu`` and ``mmap`` first map safetensors files (no copy: the first merge reads straight from the page
-    cache); ``cpu`` then copies the mapped tensors into one anonymous arena in the background
-    (:meth:`materialize`), after which the cache no longer touches the file.
-    """
-
-    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
-        self.id = SourceId.of(path)
-        self.device = device
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.bytes_read = 0
-        self._src: Source | None = None
-        self._mm = None
-        self._mapped: set[str] = set()
-        self._stop = threading.Event()
-
-    def source(self) -> Source:
-        if self._src is None:
-            self._src = open_source(self.id.path)
-        return self._src
-
-    @staticmethod
-    def _arena(sizes: list[int]) -> list[torch.Tensor]:
-        """One anonymous mapping cut into uint8 slots of ``sizes`` bytes (transparent huge pages where allowed):
-        far fewer page faults than one allocation per tensor."""
-        total = sum((n + 63) // 64 * 64 for n in sizes)
-        mm = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        arena = torch.frombuffer(mm, dtype=torch.uint8)  # the views keep the mapping alive
-        pages.advise(arena, pages.HUGEPAGE)
-        # no MADV_POPULATE_WRITE of the whole arena: one long call holds the mmap lock and stalls every other
-        # thread that maps memory (seconds on a VM); copy_ faults it in 2 MiB huge pages as it goes
-        slots, off = [], 0
-        for n in sizes:
-            slots.append(arena[off:off + n])
-            off += (n + 63) // 64 * 64
-        return slots
-
-    def chunk(self, key: str, start: int, end: int) -> torch.Tensor:
-        """Elements [start, end) of ``key`` (flattened), reading them now if they are not cached yet."""
-        return self.get(key).reshape(-1)[start:end]
-
-    def get(self, key: str, populate: bool = True) -> torch.Tensor:
-        """``key`` from the cache, reading (mapping) it now if needed. ``populate``: map its pages now."""
-        t = self.tensors.get(key)
-        if t is not None:
-            return t
-        t = self.peek(key, populate)
-        if self._mappable():
-            self._mapped.add(key)
-        elif self.device not in ("cpu", "mmap"):
-            t = t.to(self.device)
-        self.tensors[key] = t
-        return t
-
-    def peek(self, key: str, populate: bool = True) -> torch.Tensor:
-        """``key`` read from the file (a mapped view where possible) without keeping it in the cache."""
-        src = self.source()
-        info = src.infos.get(key)
-        if info is None:
-            raise MergeError(f"key not found, {src.path} key {key}")
-        self.bytes_read += info.nbytes
-        return self._mmap_view(info, populate) if self._mappable() else src.read(key)
-
-    def put(self, key: str, t: torch.Tensor) -> None:
-        """Cache ``t`` as ``key``'s file tensor (the caller guarantees it holds the file's exact values)."""
-        if self.device not in ("cpu", "mmap"):
-            t = t.to(self.device)
-        self.tensors[key] = t
-
-    def _mappable(self) -> bool:
-        return self.device in ("mmap", "cpu") and hasattr(self.source(), "data_start")
-
-    def _mmap_view(self, info, populate: bool = True) -> torch.Tensor:
-        if self._mm is None:
-            with open(self.id.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only buffer: never written through these views
-            t = torch.frombuffer(self._mm, dtype=ST_TO_TORCH[info.dtype], count=info.numel, offset=info.start)
-        if populate:
-            pages.advise(t, pages.POPULATE_READ)  # one call maps the tensor's cached pages: no fault per page
-        return t.reshape(info.shape)
-
-    def release(self, keys: Iterable[str]) -> None:
-        """Drop mapped tensors' pages from this process's RSS (they stay in the page cache and come back on the
-        next access): mapped sources then cost no resident memory. One call for the span of ``keys``."""
-        if self._mm is None:
-            return
-        known = self.source().infos
-        infos = [known[k] for k in keys if k in known]
-        if not infos:
-            return
-        start = min(i.start for i in infos)
-        end = max(i.end for i in infos)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            base = torch.frombuffer(self._mm, dtype=torch.uint8, count=1)
-        # file pages: dropping them from this mapping loses nothing (they stay in the page cache)
-        pages.advise_range(base.data_ptr() + start, end - start, pages.DONTNEED)
-
-    def materialize(self) -> int:
-        """Copy the mapped tensors into RAM (one arena) so the cache stops depending on the file. Returns bytes
-        copied. Runs in the background after a merge; stops early when the cache is closed."""
-        if self.device != "cpu":
-            return 0
-        keys = [k for k in list(self._mapped) if k in self.tensors]
-        if not keys:
-            return 0
-        src = self.source()
-        keys.sort(key=lambda k: src.infos[k].start)  # file order: released spans are contiguous
-        slots = self._arena([src.infos[k].nbytes for k in keys])
-        copied = 0
-        for k, raw in zip(keys, slots):
-            if self._stop.is_set():
-                break
-            view = self.tensors[k]
-            slot = raw.view(view.dtype)
-            slot.copy_(view.reshape(-1))
-            self.tensors[k] = slot.view(view.shape)
-            self.release([k])  # at once: mapped pages never pile up in RSS beside the copies
-            self._mapped.discard(k)
-            copied += slot.numel() * slot.element_size()
-        if not self._mapped:
-            self._mm = None  # unmapped once the last view is gone: the file's pages leave our RSS
-        return copied
-
-    def valid(self) -> bool:
-        try:
-            return SourceId.of(self.id.path) == self.id
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._src is not None:
-            self._src.close()
-            self._src = None
-        self.tensors.clear()
-        self._mapped.clear()
-        self._mm = None
-
-
 Signature = tuple  # (mode, source ids, alpha, beta, channels) or ORIGINAL
 ORIGINAL: Signature = ("original",)
+
+
+@dataclass(frozen=True)
+class LiveStatus:
+    """What a status poll shows, taken at one instant (the poll runs beside a merge, without its lock)."""
+    merged: bool  # a recipe is applied
+    merged_tensors: int  # live parameters that hold something other than A's weights
+    bytes_read: dict[str, int]  # real path -> bytes read from that file by this session's caches
+    policy: CachePolicy
 
 
 @dataclass
@@ -217,21 +67,30 @@ class ApplyReport:
 
 
 class LiveSession:
-    """Live merge state for one loaded model whose weights came from file A."""
+    """Live merge state for one loaded model whose weights came from file A.
 
-    def __init__(self, target: LiveTarget, a_path: str | os.PathLike, cache_device: str = "cpu"):
+    Concurrency: requests (apply, restore, a policy change, close) run one at a time under ``lock``; the
+    background copier (:meth:`_materialize_later`) touches only the caches, which guard themselves. A status
+    poll runs beside a request without waiting for it: the state it reads (``signatures``, ``others``, the
+    recipe) changes only under the short ``_state`` lock, and :meth:`snapshot` reads it under the same lock.
+    """
+
+    def __init__(self, target: LiveTarget, a_path: str | os.PathLike,
+                 cache: CachePolicy | str = CachePolicy.CPU):
         self.target = target
-        self.cache_device = cache_device
-        self.a = TensorCache(a_path, cache_device)
-        self.others: dict[str, TensorCache] = {}
+        self.policy = CachePolicy.parse(cache)
+        self.a = TensorCache(a_path, self.policy)
+        self.others: dict[str, TensorCache] = {}  # guarded by _state
         self.signatures: dict[str, Signature] = {}  # key -> what the live param holds now (absent = ORIGINAL)
         self.verified: set[str] = set()
         self.recipe: Recipe | None = None
         self.plan: Plan | None = None
         self.lock = threading.RLock()
+        self._state = threading.Lock()
         self._scratch_bufs: dict[str, list[torch.Tensor]] = {}
         self._prev: tuple[Plan, list[TensorCache]] | None = None
         self._copier: threading.Thread | None = None
+        self._copier_stop = threading.Event()
         params = target.params()
         a_src = self.a.source()
         for k, p in params.items():
@@ -245,21 +104,40 @@ class LiveSession:
 
     # -- caches ---------------------------------------------------------------------------------------
     def cache_for(self, path: str) -> TensorCache:
-        sid = SourceId.of(path)
-        if sid.path == self.a.id.path:
-            return self.a
-        c = self.others.get(sid.path)
-        if c is None or c.id != sid:
-            if c is not None:
-                c.close()
-            c = TensorCache(path, self.cache_device)
-            self.others[sid.path] = c
-        return c
+        """The cache of ``path``; a new one when the file changed on disk (the old one is closed once the copier
+        has left it)."""
+        with self.lock:
+            sid = SourceId.of(path)
+            if sid.path == self.a.id.path:
+                return self.a
+            c = self.others.get(sid.path)
+            if c is None or c.id != sid:
+                if c is not None:
+                    c.close()
+                c = TensorCache(path, self.policy)
+                with self._state:
+                    self.others[sid.path] = c
+            return c
+
+    def _caches(self) -> list[TensorCache]:
+        with self._state:
+            return [self.a, *self.others.values()]
 
     def bytes_read(self) -> dict[str, int]:
-        out = {self.a.id.path: self.a.bytes_read}
-        out.update({p: c.bytes_read for p, c in self.others.items()})
-        return out
+        return {c.id.path: c.bytes_read for c in self._caches()}
+
+    def snapshot(self) -> LiveStatus:
+        """The state a status poll shows, consistent at one instant; never waits for a running merge."""
+        with self._state:
+            return LiveStatus(merged=self.recipe is not None,
+                              merged_tensors=sum(1 for v in self.signatures.values() if v != ORIGINAL),
+                              bytes_read={c.id.path: c.bytes_read for c in [self.a, *self.others.values()]},
+                              policy=self.policy)
+
+    def merged_keys(self) -> list[str]:
+        """Keys whose live parameter holds a merge now."""
+        with self._state:
+            return [k for k, v in self.signatures.items() if v != ORIGINAL]
 
     def _scratch(self, device: torch.device) -> list[torch.Tensor]:
         bufs = self._scratch_bufs.get(str(device))
@@ -298,12 +176,11 @@ class LiveSession:
     def _ensure_a(self, key: str, param: torch.Tensor) -> None:
         """Before a verified key's first write: cache A's values, taken from the live weight (it still holds
         them, bit-checked at the first request) when the cast back to the file dtype is exact; else from the file."""
-        if key in self.a.tensors or key not in self.verified:
+        if key in self.a or key not in self.verified:
             return
         file_dtype = ST_TO_TORCH[self.a.source().infos[key].dtype]
-        if self.cache_device != "mmap" and _widens(file_dtype, param.dtype):
-            self.a.put(key, param.detach().to(device="cpu" if self.cache_device == "cpu" else param.device,
-                                              dtype=file_dtype, copy=True))
+        if self.policy is not CachePolicy.MMAP and _widens(file_dtype, param.dtype):
+            self.a.put(key, param.detach().to(device=self.a.device, dtype=file_dtype, copy=True))
         else:
             self.a.get(key)
 
@@ -349,10 +226,11 @@ class LiveSession:
                         flat[:written_upto].copy_(self.a.get(key).reshape(-1)[:written_upto])
                     raise
         self.verified.add(key)
-        if sig == ORIGINAL:
-            self.signatures.pop(key, None)
-        else:
-            self.signatures[key] = sig
+        with self._state:
+            if sig == ORIGINAL:
+                self.signatures.pop(key, None)
+            else:
+                self.signatures[key] = sig
 
     @staticmethod
     def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple) -> Signature:
@@ -373,7 +251,7 @@ class LiveSession:
             t0 = time.perf_counter()
             if os.path.realpath(recipe.models[0]) != self.a.id.path:
                 raise MergeError(f"model A of a test merge must be the loaded checkpoint, {recipe.models[0]}")
-            for c in [self.a, *self.others.values()]:
+            for c in self._caches():
                 if not c.valid():
                     raise MergeError(f"source file changed on disk since it was cached; reload, {c.id.path}")
             before = sum(self.bytes_read().values())
@@ -421,7 +299,8 @@ class LiveSession:
                 raise
             finally:
                 self.target.written([k for k, _ in done])
-            self.recipe, self.plan, self._prev = recipe, plan, (plan, used)
+            with self._state:
+                self.recipe, self.plan, self._prev = recipe, plan, (plan, used)
             self._materialize_later()
             report.written = len(done)
             report.seconds = time.perf_counter() - t0
@@ -432,34 +311,61 @@ class LiveSession:
     def _prefetch(self, caches: list[TensorCache]) -> None:
         """Cache B's (and C's) tensors that this request did not need, so that no later re-merge reads a file:
         ``cpu`` maps them now (cheap) and copies them into RAM in the background; a GPU cache reads them now."""
-        if self.cache_device == "mmap":
+        if not self.policy.prefetches:
             return
         for c in caches:
             for k in self.keys:
-                if k not in c.tensors and k in c.source().infos:
+                if k not in c and k in c.source().infos:
                     c.get(k, populate=False)
 
     def _materialize_later(self) -> None:
-        """``cpu`` caches: copy what the merge mapped into RAM in the background (once per new batch of keys)."""
-        if self.cache_device != "cpu" or (self._copier is not None and self._copier.is_alive()):
+        """``cpu`` caches: copy what the merge mapped into RAM in the background (once per new batch of keys).
+        The thread is the session's: started and stopped under ``lock``; it touches only the caches."""
+        if not self.policy.copies_to_ram or (self._copier is not None and self._copier.is_alive()):
             return
-        caches = [self.a, *self.others.values()]
-        if not any(c._mapped for c in caches):
+        caches = self._caches()
+        if not any(c.uncopied() for c in caches):
             return
+        stop = self._copier_stop = threading.Event()
 
         def run():
             for c in caches:
-                c.materialize()
+                if stop.is_set():
+                    return
+                c.materialize(stop)
 
         # not a daemon: interpreter shutdown waits for it instead of killing it inside a torch call
         self._copier = threading.Thread(target=run, name="blockmerge-cache-copy", daemon=False)
         self._copier.start()
 
-    def wait_cached(self, timeout: float | None = None) -> bool:
-        """Wait for the background copy into RAM (tests, benchmarks). True when nothing is left mapped."""
+    def _stop_copier(self) -> None:
+        """Stop the copier at its next tensor and wait for it (a copy of one tensor: milliseconds)."""
+        self._copier_stop.set()
         if self._copier is not None:
-            self._copier.join(timeout)
-        return not any(c._mapped for c in [self.a, *self.others.values()])
+            self._copier.join()
+            self._copier = None
+
+    def wait_cached(self, timeout: float | None = None) -> bool:
+        """Wait for the background copy into RAM (tests, benchmarks). True when nothing is left to copy."""
+        copier = self._copier
+        if copier is not None:
+            copier.join(timeout)
+        return not any(c.uncopied() for c in self._caches())
+
+    def set_policy(self, cache: CachePolicy | str) -> bool:
+        """Keep the caches under another policy from the next merge on (the live weights do not change).
+        Returns True when the policy changed."""
+        policy = CachePolicy.parse(cache)
+        with self.lock:
+            if policy is self.policy:
+                return False
+            policy.device()  # refuses gpu without CUDA before anything changes
+            self._stop_copier()
+            for c in self._caches():
+                c.set_policy(policy)
+            with self._state:
+                self.policy = policy
+            return True
 
     def _rollback(self, done: list[tuple[str, Signature]], params: dict[str, torch.Tensor]) -> None:
         """Put back what the written keys held before this request (not interruptible)."""
@@ -474,15 +380,17 @@ class LiveSession:
     def restore(self) -> int:
         """Original weights back (copy from A's cache). Returns how many tensors were written."""
         with self.lock:
-            keys = [k for k, s in self.signatures.items() if s != ORIGINAL]
+            keys = self.merged_keys()
             self.target.prepare(keys)
             params = self.target.params()
             with torch.no_grad():
                 for k in keys:
                     params[k].copy_(self.a.get(k))
-                    del self.signatures[k]
+                    with self._state:
+                        del self.signatures[k]
             self.target.written(keys)
-            self.recipe, self.plan, self._prev = None, None, None
+            with self._state:
+                self.recipe, self.plan, self._prev = None, None, None
             return len(keys)
 
     @property
@@ -491,14 +399,13 @@ class LiveSession:
         return self.recipe is not None
 
     def close(self) -> None:
-        for c in [self.a, *self.others.values()]:
-            c._stop.set()
-        if self._copier is not None:
-            self._copier.join()
-        self.a.close()
-        for c in self.others.values():
-            c.close()
-        self.others.clear()
+        """Stop the copier, then close every cache (each waits for the copier to have left it)."""
+        with self.lock:
+            self._stop_copier()
+            for c in self._caches():
+                c.close()
+            with self._state:
+                self.others.clear()
 
 
 def _widens(file_dtype: torch.dtype, live_dtype: torch.dtype) -> bool:
