@@ -203,3 +203,34 @@ def test_output_overflow_is_counted(models, tmp_path):
                         tmp_path / "o.safetensors")
     assert (f"the output holds NaN/Inf: 1 values, first at {KEY} (the inputs are finite there: the values "
             "overflow the output dtype)") in res.plan.report.lines()
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+def test_cli_notes_presets_and_switch(tmp_path, models, monkeypatch):
+    from test_cli import cli
+    out = tmp_path / "o.safetensors"
+    r = cli("merge", models["sd15_a"], models["sd15_b"], "-o", out, "--preset", "grad_v", "--alpha", "0.3",
+            "--supermerger-time-embed-out11")
+    assert r.returncode == 0, r.stderr
+    assert "note: alpha has no effect: the block weights set every block, BASE included, --alpha 0.3" in r.stdout
+    assert "note: preset 'grad_v' is GRAD_V (names match in any case), --preset" in r.stdout
+    assert "note: --supermerger-time-embed-out11: time_embed takes the OUT11 ratio" in r.stdout
+    r = cli("merge", models["sd15_a"], models["sd15_b"], "-o", tmp_path / "x.safetensors", "--weights",
+            ";".join(["0.5"] * 26))
+    assert r.returncode == 2 and r.stderr.strip() == "error: weights are separated by commas, not ';', --weights"
+    assert "--supermerger-time-embed-out11" in cli("merge", "--help").stdout
+    user = tmp_path / "user.tsv"
+    user.write_text("BAD\t1,2\nMINE\t" + ",".join(["0.25"] * 26) + "\n")
+    monkeypatch.setenv("BLOCKMERGE_PRESETS", str(user))
+    r = cli("presets", "list")
+    assert r.returncode == 0
+    assert f"note: preset BAD has 2 values, expected 26 or 20, {user} line 1; line skipped" in r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("GRAD_V\tshipped\t0,1,0.9166666667,") and lines[0].endswith(",0.9166666667,1")
+    assert len(lines) == 39  # 38 shipped + MINE; the bad line is skipped
+    assert "MINE\tuser\t" + ",".join(["0.25"] * 26) in lines
+    r = cli("presets", "show", "grad_v")
+    assert r.returncode == 0 and r.stdout.startswith("GRAD_V\t0,1,0.9166666667")
+    r = cli("presets", "show", "GRAD_X")
+    assert r.returncode == 2 and "unknown preset, 'GRAD_X' (did you mean GRAD_V?)" in r.stderr
