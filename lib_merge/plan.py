@@ -192,16 +192,16 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
     mode = get_mode(recipe.mode)
     given = [detect(s.shapes(), str(s.path)) for s in sources]
     report = Report()
-    arch = given[0].arch
     for s, d in zip(sources[1:], given[1:]):
-        if d.arch.name != arch.name:
-            msg = f"architectures differ: A is {arch.label}, {s.path} is {d.arch.label}"
+        if d.arch.name != given[0].arch.name:
+            msg = f"architectures differ: A is {given[0].arch.label}, {s.path} is {d.arch.label}"
             if not recipe.force:
                 raise MergeError(msg + " (use --force to merge only the keys both share)")
             report.notes.append(msg + "; --force: merging keys with the same name and shape")
     order = _order(recipe, sources, given)
     sources = [sources[i] for i in order]
     detected = [given[i] for i in order]
+    arch = detected[0].arch
     if recipe.swap_ab:
         report.notes.append(f"--swap-ab: A and B swapped (A is now {sources[0].path.name}), "
                             "every ratio r became 1 - r")
