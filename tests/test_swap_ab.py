@@ -93,3 +93,17 @@ def test_swapped_merge_reproduces(models, out_dir):
     run(models, ["sd15_a", "inpaint"], out, alpha=0.3, preset="GRAD_V", swap_ab=True)
     ok, new, detail = reproduce(str(out))
     assert ok, detail
+
+
+def test_live_test_merge_refuses_swap(models, sd15_listing):
+    """A test merge writes only merged keys into the loaded checkpoint (A): a swapped base cannot be shown."""
+    from lib_merge import synthetic as S
+    from lib_merge.live import LiveSession
+    from test_live import ModuleTarget
+    module = S.build_module(sd15_listing, dtype=torch.float32)
+    S.load_into(module, models["sd15_a"])
+    session = LiveSession(ModuleTarget(module), models["sd15_a"])
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(MergeError, match="swap_ab is for file merges: a test merge's A is the loaded checkpoint"):
+        session.apply(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], alpha=0.3, swap_ab=True))
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
