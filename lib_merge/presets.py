@@ -188,11 +188,41 @@ def find(name: str) -> list[Preset]:
     return [p for p in load_all() if p.name == name]
 
 
-def _write_user(presets: list[tuple[str, list[float]]]) -> None:
+@dataclass(frozen=True)
+class _Line:
+    name: str | None  # None: a comment, a blank or a malformed line (kept verbatim)
+    family: str | None
+    raw: str
+
+
+def _user_lines() -> list[_Line]:
+    """The user file line by line. Rewriting keeps every line it does not replace as written, malformed ones
+    included, so saving a preset never deletes what the user wrote (the skipped line stays for them to fix)."""
+    path = user_presets_path()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise MergeError(f"cannot read presets file: {e.strerror}, {path}") from None
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        parsed = None
+        if line and not line.startswith("#") and not line.lower().startswith("preset_name"):
+            try:
+                parsed = _parse_line(line, str(path), None)
+            except MergeError:
+                pass
+        out.append(_Line(parsed[0], LENGTH_FAMILY[len(parsed[1])], raw) if parsed else _Line(None, None, raw))
+    return out
+
+
+def _write_user(lines: list[_Line]) -> None:
     path = user_presets_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{n}\t{','.join(repr(float(v)) for v in vals)}\n" for n, vals in presets), encoding="utf-8")
+    tmp.write_text("".join(line.raw + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -203,19 +233,18 @@ def save_user_preset(name: str, values: list[float]) -> Path:
         raise MergeError(f"invalid preset name (letters, digits and _ . * / + - only), {name!r}")
     if len(values) not in LENGTH_FAMILY:
         raise MergeError(f"preset {name} has {len(values)} values, expected 26 or 20")
-    existing = [(p.name, list(p.values)) for p in _read_file(user_presets_path(), "user", None)]
     fam = LENGTH_FAMILY[len(values)]
-    existing = [(n, v) for n, v in existing if not (n == name and LENGTH_FAMILY[len(v)] == fam)]
-    existing.append((name, list(values)))
-    _write_user(existing)
+    lines = [ln for ln in _user_lines() if not (ln.name == name and ln.family == fam)]
+    lines.append(_Line(name, fam, f"{name}\t{','.join(repr(float(v)) for v in values)}"))
+    _write_user(lines)
     return user_presets_path()
 
 
 def delete_user_preset(name: str) -> bool:
     """Delete a user preset; shipped presets cannot be deleted (error)."""
-    existing = [(p.name, list(p.values)) for p in _read_file(user_presets_path(), "user", None)]
-    kept = [(n, v) for n, v in existing if n != name]
-    if len(kept) == len(existing):
+    lines = _user_lines()
+    kept = [ln for ln in lines if ln.name != name]
+    if len(kept) == len(lines):
         if any(p.name == name for p in load_all()):
             raise MergeError(f"shipped presets are read-only, {name}")
         raise MergeError(f"unknown preset, {name!r}")

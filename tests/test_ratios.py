@@ -187,3 +187,18 @@ def test_subtarget_rule():
     rules = parse_rules(rule, SD1)
     assert apply_rules(rules, KEY_ATTN1, "OUT04", 0.9) == 0.9
     assert apply_rules(rules, KEY_RES, "OUT04", 0.9) == 0.5
+
+
+def test_saving_keeps_the_user_file_lines_it_does_not_replace():
+    user = presets.user_presets_path()
+    user.parent.mkdir(parents=True, exist_ok=True)
+    bad = "BAD\t1,2,3"
+    kept = "# my curves\r\nKEEP:" + ",".join(["1."] * 20)
+    user.write_text(bad + "\n" + kept + "\n")
+    presets.save_user_preset("NEW", [0.5] * 26)
+    presets.save_user_preset("NEW", [0.25] * 26)
+    assert user.read_text().splitlines() == [bad, "# my curves", "KEEP:" + ",".join(["1."] * 20),
+                                             "NEW\t" + ",".join(["0.25"] * 26)]
+    assert presets.resolve("NEW", SD1) == [0.25] * 26 and presets.resolve("KEEP", XL) == [1.0] * 20
+    assert presets.delete_user_preset("NEW")
+    assert user.read_text().splitlines() == [bad, "# my curves", "KEEP:" + ",".join(["1."] * 20)]

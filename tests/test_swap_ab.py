@@ -84,7 +84,8 @@ def test_swap_of_two_normal_models_swaps_the_base(models, out_dir):
 
 
 def test_swap_only_for_two_model_modes(models, out_dir):
-    with pytest.raises(MergeError, match="--swap-ab works with weighted_sum, sigmoid and inv_sigmoid only, not add_difference"):
+    with pytest.raises(MergeError, match="--swap-ab works with weighted_sum, sigmoid and inv_sigmoid only, "
+                                         "not add_difference"):
         run(models, ["sd15_a", "inpaint", "sd15_c"], out_dir / "o.safetensors", mode="add_difference", swap_ab=True)
 
 
