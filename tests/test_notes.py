@@ -234,3 +234,13 @@ def test_cli_notes_presets_and_switch(tmp_path, models, monkeypatch):
     assert r.returncode == 0 and r.stdout.startswith("GRAD_V\t0,1,0.9166666667")
     r = cli("presets", "show", "GRAD_X")
     assert r.returncode == 2 and "unknown preset, 'GRAD_X' (did you mean GRAD_V?)" in r.stderr
+
+
+def test_nan_check_reads_no_input_twice_when_all_is_finite(models, tmp_path):
+    """The check runs on the chunks as they are written: a clean merge reads each input byte once."""
+    from lib_merge.sources import open_source as op
+    res = merge_to_file(normalize_recipe(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])])),
+                        tmp_path / "o.safetensors")
+    with op(models["sd15_a"]) as a:
+        a_bytes = sum(i.nbytes for i in a.infos.values())
+    assert res.bytes_read[str(models["sd15_a"].resolve())] == a_bytes
