@@ -1,8 +1,9 @@
 """NaN/Inf bookkeeping for a file merge, done on each chunk as it is written (no second pass over the data).
 
-The common case costs one fp32-accumulated sum per output chunk, over bytes that are already in cache: a sum
-is finite whenever every value is. Only when it is not (a NaN/Inf, or, rarely, an fp32 overflow of the sum)
-are the values counted exactly, and then the chunk's inputs are read again to say which input holds them.
+The common case costs one fp32-accumulated sum per output chunk, over bytes that are already in cache: a finite
+sum means every value is finite (a NaN or Inf makes the sum NaN or Inf). Only when the sum is not finite (a
+NaN/Inf, or, rarely, an overflow of the sum itself) are the values counted exactly, and then the chunk's inputs
+are read again to say which input holds them.
 """
 from __future__ import annotations
 
