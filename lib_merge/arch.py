@@ -65,10 +65,18 @@ _IN = re.compile(r"\.input_blocks\.(\d+)\.")
 _OUT = re.compile(r"\.output_blocks\.(\d+)\.")
 
 
-def block_of(key: str, arch: ArchSpec) -> str:
-    """The block ID (``BASE``, ``IN00`` …) a state-dict key belongs to."""
+def block_of(key: str, arch: ArchSpec, legacy_time_embed: bool = False) -> str:
+    """The block ID (``BASE``, ``IN00`` …) a state-dict key belongs to.
+
+    ``legacy_time_embed``: as supermerger from 2023-07 (0182d3b) to 2025-11 (before 2cbd062) did on SD1/SD2,
+    ``time_embed`` takes the last OUT block's ratio (its ``weight_index = -2`` wrapped to OUT11), so recipes
+    from those versions reproduce exactly. On SDXL those versions never merged the embedding keys: see
+    :func:`legacy_keeps_a`.
+    """
     if not key.startswith(UNET):
         return "BASE"
+    if legacy_time_embed and arch.name != "sdxl" and "time_embed" in key:
+        return arch.last_out
     if any(s in key for s in arch.embed_keys):
         return "IN00"
     if key.startswith(UNET + "out."):
@@ -82,6 +90,12 @@ def block_of(key: str, arch: ArchSpec) -> str:
     if m:
         return f"OUT{int(m.group(1)):02d}"
     return "BASE"
+
+
+def legacy_keeps_a(key: str, arch: ArchSpec) -> bool:
+    """SDXL keys that supermerger 2023-07..2025-11 left unmerged (A's values): ``time_embed`` and ``label_emb``
+    (its SDXL block function answered "Not Merge" for them)."""
+    return arch.name == "sdxl" and key.startswith(UNET) and any(s in key for s in arch.embed_keys)
 
 
 def part_of(key: str, arch: ArchSpec | None = None) -> str:

@@ -40,7 +40,10 @@ MERGE_HELP = {
     "force": "merge models of different architectures: only keys with the same name and shape merge",
     "overwrite": "replace an existing output file",
     "copy_b_only": "copy keys that exist only in B into the output",
-    "swap_ab": "when only B is the inpainting/pix2pix model: swap A and B (ratios become 1 - r)",
+    "swap_ab": "swap A and B, each ratio r becoming 1 - r (weighted_sum, sigmoid, inv_sigmoid): lets B be the "
+               "inpainting/pix2pix model, or the model whose unmerged keys are kept",
+    "supermerger_time_embed_out11": "give time_embed the OUT11 ratio as supermerger 2023-07..2025-11 did "
+                                    "(SDXL: keep time_embed/label_emb from A), to reproduce its recipes exactly",
 }
 
 
@@ -61,7 +64,7 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--bake-vae", dest="bake_vae", default=None, metavar="FILE", help=MERGE_HELP["bake_vae"])
     for name in ("include", "exclude"):
         p.add_argument("--" + name, default=None, metavar="PARTS", help=MERGE_HELP[name])
-    for name in ("prune", "force", "copy_b_only", "swap_ab"):
+    for name in ("prune", "force", "copy_b_only", "swap_ab", "supermerger_time_embed_out11"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=MERGE_HELP[name])
     p.add_argument("--overwrite", action="store_true", help=MERGE_HELP["overwrite"])
     p.add_argument("--recipe", default=None, metavar="FILE", help="read the recipe from a JSON or YAML file "
@@ -164,20 +167,25 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    """``presets list``: one line per preset, ``NAME<TAB>source<TAB>values`` (the values as the architecture
+    uses them, so a line can be pasted into user.tsv); ``presets show NAME``: the values, block by block."""
     from . import presets
     from .arch import ARCHS
     from .weights import format_vector
     arch = ARCHS[args.arch]
+    for problem in presets.user_problems():
+        print(f"note: {problem}", file=sys.stderr)
     if args.presets_cmd == "list":
         table = {**presets.table("sd1"), **(presets.table("sdxl") if args.arch == "sdxl" else {})}
         for name in presets.names(arch):
             p = table[name]
-            print(f"{name}\t{p.source}{'' if p.family == arch.preset_family else ' (converted from SD1)'}")
+            converted = "" if p.family == arch.preset_family else " (converted from SD1)"
+            print(f"{name}\t{p.source}{converted}\t{format_vector(presets.resolve(name, arch))}")
         print(f"user presets: {presets.user_presets_path()}", file=sys.stderr)
         return 0
-    values = presets.resolve(args.name, arch)
-    print(f"{args.name}\t{format_vector(values)}")
-    print("  " + "  ".join(f"{b}={v:g}" for b, v in zip(arch.blocks, values)))
+    found = presets.lookup(args.name, arch)
+    print(f"{found.name}\t{format_vector(found.values)}")
+    print("  " + "  ".join(f"{b}={v:g}" for b, v in zip(arch.blocks, found.values)))
     return 0
 
 

@@ -46,7 +46,9 @@ def _expand_block(token: str, arch: ArchSpec, rule: str) -> list[str]:
         return parts
     if len(parts) != 2:
         raise MergeError(f"bad block range {token!r}, elemental rule {rule!r}")
-    i, j = sorted((names.index(parts[0]), names.index(parts[1])))
+    i, j = names.index(parts[0]), names.index(parts[1])
+    if i > j:
+        raise MergeError(f"reversed block range {token!r} (write {parts[1]}-{parts[0]}), elemental rule {rule!r}")
     return list(names[i:j + 1])
 
 
@@ -97,11 +99,14 @@ def parse_rules(text: str | None, arch: ArchSpec) -> list[Rule]:
     return rules
 
 
-def apply_rules(rules: list[Rule], key: str, block: str, ratio: float) -> float:
-    """The ratio after the rules: the last matching rule wins."""
-    for r in rules:
+def apply_rules(rules: list[Rule], key: str, block: str, ratio: float, hits: set[int] | None = None) -> float:
+    """The ratio after the rules: the last matching rule wins. ``hits`` collects the indices of the rules
+    that matched (so the plan can say which rule matches no key: usually a typo in an element)."""
+    for i, r in enumerate(rules):
         if r.matches(key, block):
             ratio = r.ratio
+            if hits is not None:
+                hits.add(i)
     return ratio
 
 

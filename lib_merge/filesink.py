@@ -24,6 +24,7 @@ import torch
 from .compute import merge_tensors
 from .dtypes import ITEMSIZE, ST_TO_TORCH
 from .errors import MergeError, MergeInterrupted
+from .finite import InputReader, NonFinite
 from .plan import KeyPlan, Plan
 from .sources import Source
 
@@ -108,6 +109,7 @@ class FileSink:
         self.metadata = metadata
         self.threads = max(1, threads or min(os.cpu_count() or 1, 4))
         self.device = torch.device(device)
+        self.nonfinite = NonFinite()  # NaN/Inf found while writing; notes added to plan.report at the end
         self.bake_map: dict[str, str] = {}
         if bake is not None:
             prefixed = any(k.startswith("first_stage_model.") for k in bake.infos)
@@ -121,6 +123,17 @@ class FileSink:
         if kp.action == "bake_vae":
             return self.bake, self.bake_map[kp.key]
         return self.sources[0], kp.key
+
+    def _input_readers(self, kp: KeyPlan) -> list[InputReader]:
+        """The inputs a key's values come from (read again only when its output chunk holds NaN/Inf)."""
+        if kp.action == "merge":
+            srcs = [("ABC"[i], s, kp.key) for i, s in enumerate(self.sources[: self.plan.mode.models])]
+        else:
+            src, key = self._src_for(kp)
+            role = {"copy_a": "A", "copy_b": "B"}.get(kp.action, "VAE")
+            srcs = [(role, src, key)]
+        return [(f"{role} ({s.path.name})", lambda start, n, s=s, k=k: s.read(k).reshape(-1)[start:start + n])
+                for role, s, k in srcs]
 
     def _in_itemsize(self, kp: KeyPlan) -> int:
         if kp.action == "merge":
@@ -185,7 +198,10 @@ class FileSink:
             def job(task: _Task):
                 buf = pool.get()
                 try:
-                    return buf, self._run(task, scratch, buf)
+                    data = self._run(task, scratch, buf)
+                    self.nonfinite.check_chunk(task.kp, data, task.elem_start, task.elem_count,
+                                               lambda: self._input_readers(task.kp))
+                    return buf, data
                 except BaseException:
                     pool.put(buf)
                     raise
@@ -212,6 +228,7 @@ class FileSink:
                 raise MergeError(f"output exists (use --overwrite), {target}")
             os.replace(tmp, target)
             ok = True
+            self.plan.report.notes.extend(self.nonfinite.notes())
             return h.hexdigest()
         finally:
             if fd >= 0:

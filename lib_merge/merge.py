@@ -100,7 +100,7 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, overwrite: bool = False
             det = plan.detected[0]
             metadata = build_metadata(recipe, inputs, output_name or output_stem(out), resolved,
                                       det.variant == "inpainting", det.variant == "pix2pix", writes_only_fp16(plan))
-        sink = FileSink(plan, sources, bake, metadata, threads=threads, device=device)
+        sink = FileSink(plan, plan.arrange(sources), bake, metadata, threads=threads, device=device)
         cb = (lambda done, total: progress("merging", done, total)) if progress else None
         digest = sink.write(out, overwrite, cb, cancel)
         read = {os.path.realpath(s.path): s.bytes_read for s in sources}

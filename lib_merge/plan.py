@@ -2,17 +2,17 @@
 which ratios, in which output dtype. Pure function of the recipe and the sources' headers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from . import presets
-from .arch import ArchSpec, Detected, FIRST_CONV, block_of, detect, part_of
+from .arch import ArchSpec, Detected, FIRST_CONV, block_of, detect, legacy_keeps_a, part_of
 from .dtypes import OUTPUT_DTYPES, is_float
 from .elemental import apply_rules, parse_rules
 from .errors import MergeError
 from .modes import Mode, get_mode
 from .recipe import Recipe
 from .sources import Source, TensorInfo
-from .weights import parse_weights
+from .weights import parse_weights_info
 
 SCHEDULE_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -61,26 +61,55 @@ class Report:
 @dataclass
 class Plan:
     arch: ArchSpec
-    detected: list[Detected]
+    detected: list[Detected]  # in plan order (after --swap-ab)
     keys: list[KeyPlan]
     alpha_vector: list[float] | None
     beta_vector: list[float] | None
     report: Report
     mode: Mode
+    order: tuple[int, ...] = (0, 1, 2)  # plan role i reads input order[i]: (1, 0) with --swap-ab
 
     def by_key(self) -> dict[str, KeyPlan]:
         return {k.key: k for k in self.keys}
 
+    def arrange(self, items: list) -> list:
+        """``items`` given in the recipe's order (A, B, C), put in the plan's order (what the sink reads)."""
+        return [items[i] for i in self.order[: len(items)]]
 
-def vector_for(weights: str | None, preset: str | None, arch: ArchSpec, base: float, what: str) -> list[float] | None:
-    if preset:  # never both: Recipe.validate (options.check_exclusive) refused that already
-        return presets.resolve(preset, arch)
+
+@dataclass(frozen=True)
+class VectorInfo:
+    values: list[float]  # full vector, BASE first
+    base_from_ratio: bool  # 25/19 values: BASE is the plain ratio
+    notes: tuple[str, ...]
+    from_preset: bool
+
+
+def vector_for(weights: str | None, preset: str | None, arch: ArchSpec, base: float,
+               what: str = "--weights", preset_what: str = "--preset") -> VectorInfo | None:
+    """The block vector from a weight string or a preset name (a lone non-numeric token in the weights is a
+    preset name, as supermerger's weights box accepts); ``None`` when neither is given."""
+    # never both weights and a preset: Recipe.validate (options.check_exclusive) refused that already
+    tok = (weights or "").strip()
+    if tok and not preset and "," not in tok and " " not in tok and ";" not in tok and not _is_number(tok):
+        preset, what, preset_what = tok, what, what
+    if preset:
+        r = presets.lookup(preset, arch)
+        notes = []
+        if r.name != preset.strip():
+            notes.append(f"preset {preset.strip()!r} is {r.name} (names match in any case), {preset_what}")
+        if r.converted:
+            notes.append(f"preset {r.name} has no SDXL version: its SD1 values were converted to SDXL's 20 "
+                         f"(IN09-IN11 and OUT09-OUT11 dropped), {preset_what}")
+        return VectorInfo(r.values, False, tuple(notes), True)
     if weights:
-        # A lone non-numeric token is a preset name (as supermerger's weights box accepts).
-        tok = weights.strip()
-        if tok and "," not in tok and " " not in tok and not _is_number(tok):
-            return presets.resolve(tok, arch)
-        return parse_weights(weights, arch, base, what)
+        w = parse_weights_info(weights, arch, base, what)
+        notes = []
+        if w.converted_from:
+            n_xl = 20 if w.converted_from == 26 else 19
+            notes.append(f"{w.converted_from} values converted to SDXL's {n_xl} "
+                         f"(IN09-IN11 and OUT09-OUT11 dropped), {what}")
+        return VectorInfo(w.values, w.base_from_ratio, tuple(notes), False)
     return None
 
 
@@ -109,8 +138,10 @@ def parse_parts(text: str | None, arch: ArchSpec, what: str):
         ends = tok.upper().split("-")
         if not all(e in names for e in ends) or len(ends) > 2:
             raise MergeError(f"unknown part {tok!r} (unet, te, vae, or block IDs/ranges of {arch.label}), {what}")
-        idx = sorted(names.index(e) for e in ends)
-        blocks.update(names[idx[0]:idx[-1] + 1])
+        i, j = names.index(ends[0]), names.index(ends[-1])
+        if i > j:
+            raise MergeError(f"reversed block range {tok!r} (write {ends[1]}-{ends[0]}), {what}")
+        blocks.update(names[i:j + 1])
 
     def pred(key: str, block: str) -> bool:
         return part_of(key) in kinds or (part_of(key) == "unet" and block in blocks) or (
@@ -119,43 +150,80 @@ def parse_parts(text: str | None, arch: ArchSpec, what: str):
     return pred
 
 
+def _default(name: str) -> float:
+    return next(f.default for f in fields(Recipe) if f.name == name)
+
+
+def _order(recipe: Recipe, sources: list[Source], detected: list[Detected]) -> tuple[int, ...]:
+    """Which input plays A, B, C. ``--swap-ab`` swaps A and B whenever it is given (the recipe records it); the
+    model with the extra input channels (inpainting / pix2pix) must end up as A."""
+    order = tuple(range(len(sources)))
+    if recipe.swap_ab and len(sources) > 1:
+        order = (1, 0, *order[2:])
+    a = detected[order[0]]
+    for role, i in enumerate(order[1:], 1):
+        d = detected[i]
+        if d.in_channels <= a.in_channels:
+            continue
+        if recipe.swap_ab:
+            raise MergeError(f"--swap-ab would make the {d.variant} model B ({d.in_channels}-channel first conv); "
+                             f"it is A already: drop --swap-ab, {sources[i].path}")
+        raise MergeError(f"model {'ABC'[role]} is the {d.variant} model ({d.in_channels}-channel first conv) "
+                         f"and A is not: put it first (or use --swap-ab), {sources[i].path}")
+    return order
+
+
+class _Usage:
+    """What the plan saw while choosing ratios, for the notes: which ratios were really used, which rules hit,
+    the first out-of-range ratio."""
+
+    def __init__(self) -> None:
+        self.alpha_used = False
+        self.beta_used = False
+        self.rule_hits: set[int] = set()
+        self.merged = 0
+        self.outside: list[str] = []  # weighted_sum ratios outside [0, 1]
+        self.over_one: list[str] = []  # triple_sum alpha + beta > 1
+
+
 def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = None) -> Plan:
     recipe.validate()
     mode = get_mode(recipe.mode)
-    detected = [detect(s.shapes(), str(s.path)) for s in sources]
+    given = [detect(s.shapes(), str(s.path)) for s in sources]
     report = Report()
-    a_det = detected[0]
-    arch = a_det.arch
-    for s, d in zip(sources[1:], detected[1:]):
-        if d.arch.name != arch.name:
-            msg = f"architectures differ: A is {arch.label}, {s.path} is {d.arch.label}"
+    for s, d in zip(sources[1:], given[1:]):
+        if d.arch.name != given[0].arch.name:
+            msg = f"architectures differ: A is {given[0].arch.label}, {s.path} is {d.arch.label}"
             if not recipe.force:
                 raise MergeError(msg + " (use --force to merge only the keys both share)")
             report.notes.append(msg + "; --force: merging keys with the same name and shape")
-    # inpainting / pix2pix: A must hold the extra channels
-    if len(sources) > 1:
-        extra = [d for d in detected[1:] if d.in_channels > a_det.in_channels]
-        if extra:
-            i = detected.index(extra[0])
-            raise MergeError(f"model {'ABC'[i]} is the {extra[0].variant} model ({extra[0].in_channels}-channel first conv) "
-                             f"and A is not: put it first (or use --swap-ab), {sources[i].path}")
+    order = _order(recipe, sources, given)
+    sources = [sources[i] for i in order]
+    detected = [given[i] for i in order]
+    arch = detected[0].arch
+    if recipe.swap_ab:
+        report.notes.append(f"--swap-ab: A and B swapped (A is now {sources[0].path.name}), "
+                            "every ratio r became 1 - r")
 
-    alpha_vec = vector_for(recipe.weights, recipe.preset, arch, recipe.alpha, "--weights")
-    beta_vec = vector_for(recipe.weights_beta, recipe.preset_beta, arch, recipe.beta, "--weights-beta")
-    if alpha_vec is not None and len(alpha_vec) == len(arch.blocks):
-        report.notes.append("alpha has no effect: the block weights set every block, BASE included")
+    alpha_v = vector_for(recipe.weights, recipe.preset, arch, recipe.alpha, "--weights", "--preset")
+    beta_v = vector_for(recipe.weights_beta, recipe.preset_beta, arch, recipe.beta, "--weights-beta", "--preset-beta")
+    for v in (alpha_v, beta_v):
+        if v is not None:
+            report.notes.extend(v.notes)
+    if (alpha_v and alpha_v.from_preset) or (beta_v and beta_v.from_preset):
+        report.notes.extend(presets.user_problems())
+    alpha_vec = alpha_v.values if alpha_v else None
+    beta_vec = beta_v.values if beta_v else None
     rules = parse_rules(recipe.elemental, arch)
     include = parse_parts(recipe.include, arch, "--include")
     exclude = parse_parts(recipe.exclude, arch, "--exclude")
-    swap = recipe.swap_ab
-    if swap:
-        report.notes.append("--swap-ab: A and B swapped, every ratio r became 1 - r")
+    legacy = recipe.supermerger_time_embed_out11
+    use = _Usage()
 
     a = sources[0]
     others = sources[1:mode.models]
     out_st = OUTPUT_DTYPES[recipe.dtype]
     keys: list[KeyPlan] = []
-    names = list(a.infos)
     b_only: list[str] = []
     if len(sources) > 1:
         b_only = [k for k in sources[1].infos if k not in a.infos]
@@ -170,16 +238,20 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
     if bake_vae is not None:
         bake_keys = _bake_map(bake_vae, a)
 
-    for key in names:
-        info = a.infos[key]
+    for key, info in a.infos.items():
         if recipe.prune and is_pruned(key):
             continue
-        block = block_of(key, arch)
+        block = block_of(key, arch, legacy)
         part = part_of(key)
+        hits: set[int] = set()
         alpha = alpha_vec[arch.blocks.index(block)] if alpha_vec is not None else recipe.alpha
-        alpha = apply_rules(rules, key, block, alpha)
+        alpha = apply_rules(rules, key, block, alpha, hits)
+        use.rule_hits |= hits
+        alpha_plain = not hits and (alpha_vec is None or (alpha_v.base_from_ratio and block == "BASE"))
         beta = beta_vec[arch.blocks.index(block)] if beta_vec is not None else recipe.beta
-        if swap:
+        beta_plain = beta_vec is None or (beta_v.base_from_ratio and block == "BASE")
+        ratio = alpha
+        if recipe.swap_ab:
             alpha = 1.0 - alpha
         od = out_dtype(info)
 
@@ -202,7 +274,7 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
                 plan("copy_b", od=out_dtype(binfo), shape=binfo.shape)
             continue
         selected = (include is None or include(key, block)) and not (exclude is not None and exclude(key, block))
-        if not selected:
+        if not selected or (legacy and legacy_keeps_a(key, arch)):
             plan("copy_a")
             continue
         missing = [s for s in others if key not in s.infos]
@@ -214,32 +286,91 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
         if any(not is_float(s.infos[key].dtype) for s in others):
             plan("copy_a")
             continue
-        if all(sh == info.shape for sh in shapes):
-            if mode.check_ratio:
-                for r in (alpha,) + ((beta,) if mode.uses_beta else ()):
-                    problem = mode.check_ratio(r)
-                    if problem:
-                        raise MergeError(f"{mode.name}: {problem}, block {block} key {key}")
-            plan("merge")
-            continue
-        if key == FIRST_CONV and all(len(sh) == 4 and sh[0] == info.shape[0] and sh[2:] == info.shape[2:]
-                                     and sh[1] in (4, info.shape[1]) for sh in shapes):
-            plan("merge", channels=min(sh[1] for sh in shapes))
-            continue
-        if recipe.force:
-            report.forced.append(key)
-            plan("copy_a")
-            continue
-        bad = next(s for s in others if s.infos[key].shape != info.shape)
-        raise MergeError(f"shape differs: {list(bad.infos[key].shape)} vs A's {list(info.shape)} "
-                         f"(use --force to keep A's), {bad.path} key {key}")
+        channels = None
+        if not all(sh == info.shape for sh in shapes):
+            if key == FIRST_CONV and all(len(sh) == 4 and sh[0] == info.shape[0] and sh[2:] == info.shape[2:]
+                                         and sh[1] in (4, info.shape[1]) for sh in shapes):
+                channels = min(sh[1] for sh in shapes)
+            elif recipe.force:
+                report.forced.append(key)
+                plan("copy_a")
+                continue
+            else:
+                bad = next(s for s in others if s.infos[key].shape != info.shape)
+                raise MergeError(f"shape differs: {list(bad.infos[key].shape)} vs A's {list(info.shape)} "
+                                 f"(use --force to keep A's), {bad.path} key {key}")
+        if mode.check_ratio:
+            for r in (alpha,) + ((beta,) if mode.uses_beta else ()):
+                problem = mode.check_ratio(r)
+                if problem:
+                    raise MergeError(f"{mode.name}: {problem}, block {block} key {key}")
+        _count_ratios(use, mode, key, block, ratio, beta)
+        use.alpha_used |= alpha_plain
+        use.beta_used |= beta_plain and mode.uses_beta
+        plan("merge", channels=channels)
 
     if recipe.copy_b_only and b_only:
         b = sources[1]
         for key in sorted(b_only):
             binfo = b.infos[key]
-            keys.append(KeyPlan(key, "copy_b", block_of(key, arch), 0.0, 0.0, out_dtype(binfo), binfo.shape))
-    return Plan(arch, detected, keys, alpha_vec, beta_vec, report, mode)
+            keys.append(KeyPlan(key, "copy_b", block_of(key, arch, legacy), 0.0, 0.0, out_dtype(binfo), binfo.shape))
+    if (include is not None or exclude is not None) and mode.models > 1 and not use.merged:
+        parts = " ".join(f"--{n} {v!r}" for n, v in (("include", recipe.include), ("exclude", recipe.exclude)) if v)
+        raise MergeError(f"--include/--exclude leave nothing to merge (every key would be A's), {parts}")
+    report.notes.extend(_ratio_notes(recipe, mode, rules, use, alpha_v, beta_v))
+    if legacy:
+        report.notes.append(_legacy_note(arch))
+    return Plan(arch, detected, keys, alpha_vec, beta_vec, report, mode, order)
+
+
+def _count_ratios(use: _Usage, mode: Mode, key: str, block: str, alpha: float, beta: float) -> None:
+    use.merged += 1
+    if mode.name == "weighted_sum" and not 0.0 <= alpha <= 1.0:
+        use.outside.append(f"block {block} key {key}, alpha {alpha:g}")
+    if mode.name == "triple_sum" and alpha + beta > 1.0:
+        use.over_one.append(f"block {block} key {key}, alpha {alpha:g} + beta {beta:g}")
+
+
+def _ratio_notes(recipe: Recipe, mode: Mode, rules: list, use: _Usage,
+                 alpha_v: VectorInfo | None, beta_v: VectorInfo | None) -> list[str]:
+    """Notes about ratios that do not do what the user may think (never errors)."""
+    notes = []
+    alpha_given = recipe.alpha != _default("alpha")  # the recipe cannot tell "--alpha 0.5" from no --alpha
+    if alpha_given and not use.alpha_used:
+        if mode.models == 1:
+            why = f"{mode.name} takes A only"
+        elif alpha_v is not None and not alpha_v.base_from_ratio:
+            why = "the block weights set every block, BASE included"
+        else:
+            why = "every merged key takes its ratio from the block weights or an elemental rule"
+        notes.append(f"alpha has no effect: {why}, --alpha {recipe.alpha:g}")
+    beta_given = recipe.beta != _default("beta")
+    if not mode.uses_beta:
+        given = [f for f, v in (("--beta", beta_given), ("--weights-beta", recipe.weights_beta),
+                                ("--preset-beta", recipe.preset_beta)) if v]
+        if given:
+            notes.append(f"{'/'.join(given)} ignored: {mode.name} takes no beta (triple_sum and sum_twice do)")
+    elif beta_given and not use.beta_used and use.merged:
+        notes.append(f"beta has no effect: the beta block weights set every block, BASE included, "
+                     f"--beta {recipe.beta:g}")
+    for i, r in enumerate(rules):
+        if i not in use.rule_hits:
+            notes.append(f"elemental rule matches no key, {r.text!r}")
+    if use.outside:
+        notes.append(f"weighted_sum: alpha outside [0, 1] at {len(use.outside)} keys (extrapolation), "
+                     f"first: {use.outside[0]}")
+    if use.over_one:
+        notes.append(f"triple_sum: alpha + beta > 1 at {len(use.over_one)} keys (A gets a negative weight), "
+                     f"first: {use.over_one[0]}")
+    return notes
+
+
+def _legacy_note(arch: ArchSpec) -> str:
+    if arch.name == "sdxl":
+        return ("--supermerger-time-embed-out11: time_embed and label_emb kept from A "
+                "(as supermerger 2023-07 to 2025-11 did on SDXL)")
+    return (f"--supermerger-time-embed-out11: time_embed takes the {arch.last_out} ratio "
+            "(as supermerger 2023-07 to 2025-11 did)")
 
 
 def _bake_map(vae: Source, a: Source) -> dict[str, str]:

@@ -33,6 +33,7 @@ class Recipe:
     force: bool = False
     copy_b_only: bool = False
     swap_ab: bool = False
+    supermerger_time_embed_out11: bool = False  # SD1/SD2 time_embed takes OUT11's ratio (supermerger 2023-07..2025-11)
 
     def validate(self) -> None:
         m = get_mode(self.mode)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from .arch import SD1_BLOCKS, SDXL_BLOCKS, ArchSpec
 from .errors import MergeError
@@ -59,8 +60,17 @@ def full_vector(values: list[float], arch: ArchSpec, base: float, what: str = "w
     raise MergeError(f"{what} have {n} values; {arch.label} takes {full} (BASE first) or {full - 1} (BASE = alpha)")
 
 
-def parse_weights(text: str, arch: ArchSpec, base: float, what: str = "--weights") -> list[float]:
-    """Parse a weight string such as ``"0,1,1,…"`` into a full vector for ``arch``."""
+@dataclass(frozen=True)
+class ParsedWeights:
+    values: list[float]  # full vector, BASE first
+    base_from_ratio: bool  # 25/19 values: BASE took the plain ratio (alpha or beta)
+    converted_from: int | None  # 26 or 25 when an SD1 vector was converted to SDXL's 20
+
+
+def parse_weights_info(text: str, arch: ArchSpec, base: float, what: str = "--weights") -> ParsedWeights:
+    """Parse a weight string and say how its length was read (for the plan's notes)."""
+    if ";" in text:
+        raise MergeError(f"weights are separated by commas, not ';', {what}")
     tokens = split_values(text)
     if not tokens or tokens == [""]:
         raise MergeError(f"empty weight string, {what}")
@@ -69,7 +79,15 @@ def parse_weights(text: str, arch: ArchSpec, base: float, what: str = "--weights
         if t == "":
             raise MergeError(f"empty value at position {i + 1}, {what}")
         values.append(parse_number(t, f"{what} value {i + 1}"))
-    return full_vector(values, arch, base, what)
+    n = len(values)
+    full = full_vector(values, arch, base, what)
+    converted = n if arch.name == "sdxl" and n in (26, 25) else None
+    return ParsedWeights(full, n in (len(arch.blocks) - 1, 25), converted)
+
+
+def parse_weights(text: str, arch: ArchSpec, base: float, what: str = "--weights") -> list[float]:
+    """Parse a weight string such as ``"0,1,1,…"`` into a full vector for ``arch``."""
+    return parse_weights_info(text, arch, base, what).values
 
 
 def format_vector(values: list[float]) -> str:

@@ -195,7 +195,7 @@ def test_inpainting_as_b_is_an_error_unless_swap(models, out_dir):
         run(models, ["sd15_a", "inpaint"], out)
     assert not out.exists()
     # with consent: swap, ratios become 1 - r; the result equals merging (inpaint, a) at 1 - alpha
-    run(models, ["inpaint", "sd15_a"], out, alpha=0.3, dtype="fp32", swap_ab=True)
+    run(models, ["sd15_a", "inpaint"], out, alpha=0.3, dtype="fp32", swap_ab=True)
     ref = out_dir / "ref.safetensors"
     run(models, ["inpaint", "sd15_a"], ref, alpha=0.7, dtype="fp32")
     O, R = load(out), load(ref)

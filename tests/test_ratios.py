@@ -1,5 +1,7 @@
 """Weight strings, presets and elemental rules."""
 
+import re
+
 import pytest
 
 from lib_merge import presets
@@ -76,12 +78,43 @@ def test_user_presets_override_and_formats(tmp_path):
     assert presets.table("sd1")["GRAD_V"].source == "user"
 
 
-def test_user_preset_bad_line_names_file_and_line():
+def test_user_preset_bad_line_reported_with_line_number_and_skipped():
     user = presets.user_presets_path()
     user.parent.mkdir(parents=True, exist_ok=True)
-    user.write_text("OK\t" + ",".join(["1"] * 26) + "\nBAD\t1,2,3\n")
-    with pytest.raises(MergeError, match=r"preset BAD has 3 values, expected 26 or 20, .*user.tsv line 2"):
-        presets.load_all()
+    user.write_text("OK\t" + ",".join(["1"] * 26) + "\nBAD\t1,2,3\nNOSEP 1,2\n")
+    found, problems = presets.load_all_checked()
+    assert presets.resolve("OK", SD1) == [1.0] * 26  # the good user line works
+    assert presets.resolve("GRAD_V", SD1)[1] == 1.0  # shipped presets keep working
+    assert "BAD" not in presets.names("sd1")
+    assert len(problems) == 2 and problems == presets.user_problems()
+    assert re.fullmatch(r"preset BAD has 3 values, expected 26 or 20, .*user.tsv line 2; line skipped", problems[0])
+    assert re.fullmatch(r"preset line has no TAB or ':' between name and values, .*user.tsv line 3; line skipped",
+                        problems[1])
+
+
+def test_shipped_presets_stay_strict():
+    with pytest.raises(MergeError, match=r"preset X has 2 values, expected 26, sd1.tsv line 1"):
+        presets.parse_preset_text("X\t1,2\n", "sd1.tsv", 26)
+
+
+def test_preset_name_in_another_case_resolves():
+    assert presets.resolve("grad_v", SD1) == presets.resolve("GRAD_V", SD1)
+    assert presets.lookup("flat_25", XL).name == "FLAT_25"
+    with pytest.raises(MergeError, match=r"unknown preset, 'GRAD_X' \(did you mean GRAD_V\?\)"):
+        presets.resolve("GRAD_X", SD1)
+
+
+def test_preset_names_differing_only_in_case_must_be_exact():
+    presets.save_user_preset("Mine", [0.1] * 26)
+    presets.save_user_preset("MINE", [0.2] * 26)
+    assert presets.resolve("Mine", SD1) == [0.1] * 26 and presets.resolve("MINE", SD1) == [0.2] * 26
+    with pytest.raises(MergeError, match="preset name matches Mine, MINE in different case: write it exactly, 'mine'"):
+        presets.resolve("mine", SD1)
+
+
+def test_semicolon_separated_weights_say_so():
+    with pytest.raises(MergeError, match="weights are separated by commas, not ';', --weights"):
+        parse_weights(";".join(["0.5"] * 26), SD1, 0.5)
 
 
 def test_save_and_delete_user_preset():
@@ -119,7 +152,7 @@ def test_elemental_not_and_ranges():
     rules = parse_rules("OUT04:NOT attn proj:0.2", SD1)
     assert apply_rules(rules, KEY_RES, "OUT04", 0.9) == 0.2
     assert apply_rules(rules, KEY_ATTN1, "OUT04", 0.9) == 0.9
-    rules = parse_rules("OUT05-OUT03::0.1", SD1)  # order-insensitive range
+    rules = parse_rules("OUT03-OUT05::0.1", SD1)
     assert [apply_rules(rules, KEY_RES, b, 0.9) for b in ("OUT02", "OUT03", "OUT04", "OUT05", "OUT06")] == \
         [0.9, 0.1, 0.1, 0.1, 0.9]
     rules = parse_rules(" : attn1 : 0 ", SD1)  # blank blocks = every block, BASE included
@@ -140,6 +173,8 @@ def test_elemental_sdxl_names():
     ("OUT04:attn:abc", SD1, "ratio 'abc' is not a number"),
     ("OUT04:attn:inf", SD1, "ratio 'inf' is not a finite number"),
     ("OUT04:attn:R", SD1, "random ratios"),
+    ("OUT05-IN02:attn:0.5", SD1, r"reversed block range 'OUT05-IN02' \(write IN02-OUT05\), elemental rule "
+                                 r"'OUT05-IN02:attn:0.5'"),
 ])
 def test_elemental_errors_name_rule_and_token(text, arch, msg):
     with pytest.raises(MergeError, match=msg):
@@ -152,3 +187,18 @@ def test_subtarget_rule():
     rules = parse_rules(rule, SD1)
     assert apply_rules(rules, KEY_ATTN1, "OUT04", 0.9) == 0.9
     assert apply_rules(rules, KEY_RES, "OUT04", 0.9) == 0.5
+
+
+def test_saving_keeps_the_user_file_lines_it_does_not_replace():
+    user = presets.user_presets_path()
+    user.parent.mkdir(parents=True, exist_ok=True)
+    bad = "BAD\t1,2,3"
+    kept = "# my curves\r\nKEEP:" + ",".join(["1."] * 20)
+    user.write_text(bad + "\n" + kept + "\n")
+    presets.save_user_preset("NEW", [0.5] * 26)
+    presets.save_user_preset("NEW", [0.25] * 26)
+    assert user.read_text().splitlines() == [bad, "# my curves", "KEEP:" + ",".join(["1."] * 20),
+                                             "NEW\t" + ",".join(["0.25"] * 26)]
+    assert presets.resolve("NEW", SD1) == [0.25] * 26 and presets.resolve("KEEP", XL) == [1.0] * 20
+    assert presets.delete_user_preset("NEW")
+    assert user.read_text().splitlines() == [bad, "# my curves", "KEEP:" + ",".join(["1."] * 20)]

@@ -251,6 +251,8 @@ class LiveSession:
             t0 = time.perf_counter()
             if os.path.realpath(recipe.models[0]) != self.a.id.path:
                 raise MergeError(f"model A of a test merge must be the loaded checkpoint, {recipe.models[0]}")
+            if recipe.swap_ab:  # it would make B the base, whose unmerged keys the live weights do not hold
+                raise MergeError("swap_ab is for file merges: a test merge's A is the loaded checkpoint, swap_ab")
             for c in self._caches():
                 if not c.valid():
                     raise MergeError(f"source file changed on disk since it was cached; reload, {c.id.path}")
