@@ -52,7 +52,7 @@ def test_extra_channel_model_as_b_with_swap(models, out_dir, extra, channels, mo
     meta = json.loads(res.metadata["sd_merge_recipe"])
     assert meta["is_inpainting" if extra == "inpaint" else "is_instruct_pix2pix"] is True
     ours = json.loads(res.metadata["blockmerge_recipe"])
-    assert ours["swap_ab"] is True and [i["name"] for i in ours["inputs"]] == ["sd15_a", extra]
+    assert ours["swap_ab"] is True and [i["name"] for i in ours["inputs"]] == ["sd15_a.safetensors", f"{extra}.safetensors"]
     assert any(n.startswith(f"--swap-ab: A and B swapped (A is now {extra}.safetensors), every ratio r became 1 - r")
                for n in res.plan.report.lines())
 
