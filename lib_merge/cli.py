@@ -261,6 +261,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise the broken pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def fail(args, message: str, code: int) -> int:
     args.progress.close()
     print("error: " + " ".join(message.splitlines()), file=sys.stderr)
@@ -273,12 +281,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args.progress = Progress(not args.quiet)
     with sigterm_as_interrupt():
         try:
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return code
         except MergeError as e:
             if args.debug:
                 raise
             return fail(args, str(e), 2)
         except Terminated:
             return fail(args, "terminated by SIGTERM", 128 + signal.SIGTERM)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            _stdout_to_devnull()
+            return 128 + getattr(signal, "SIGPIPE", 13)
         except KeyboardInterrupt:
             return fail(args, "interrupted", 130)

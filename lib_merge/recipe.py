@@ -168,11 +168,21 @@ def _is_number(x: Any) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float))
 
 
-def _optional_text(key: str, v: Any, origin: str) -> str | None:
-    if v is None:
-        return None
-    v = _text(key, v, origin)
-    return v if v.strip() else None
+def _integer(key: str, v: Any, origin: str) -> int:
+    if type(v) is not int:
+        raise MergeError(f"{key} must be a whole number (got {_got(v)}), {origin}")
+    return v
+
+
+def _as_is(key: str, v: Any, origin: str) -> Any:
+    return v
+
+
+def _optional(parse: Callable[[str, Any, str], Any]) -> Callable[[str, Any, str], Any]:
+    """``X | None``: null (or blank text) means unset, anything else must be an X."""
+    def parse_optional(key: str, v: Any, origin: str) -> Any:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else parse(key, v, origin)
+    return parse_optional
 
 
 def _path(key: str, v: Any, origin: str) -> str:
@@ -188,10 +198,6 @@ def _path(key: str, v: Any, origin: str) -> str:
         raise MergeError(f"{key} is an empty path, {origin}")
     check_path_text(v, key)
     return v
-
-
-def _optional_path(key: str, v: Any, origin: str) -> str | None:
-    return None if v is None or (isinstance(v, str) and not v.strip()) else _path(key, v, origin)
 
 
 def _paths(key: str, v: Any, origin: str) -> list[str]:
@@ -212,20 +218,24 @@ def check_path_text(path: str, which: str) -> None:
 
 _BY_FIELD: dict[str, Callable[[str, Any, str], Any]] = {
     "models": _paths,
-    "bake_vae": _optional_path,
+    "bake_vae": _optional(_path),
     "weights": _joined(",", _is_number, "numbers"),
     "weights_beta": _joined(",", _is_number, "numbers"),
     "include": _joined(",", lambda x: isinstance(x, str), "strings"),
     "exclude": _joined(",", lambda x: isinstance(x, str), "strings"),
     "elemental": _joined("\n", lambda x: isinstance(x, str), "strings"),
 }
-_BY_TYPE: dict[str, Callable[[str, Any, str], Any]] = {
-    "float": _number, "bool": _flag, "str": _text, "str | None": _optional_text,
-}
+_BY_TYPE: dict[str, Callable[[str, Any, str], Any]] = {"float": _number, "int": _integer, "bool": _flag, "str": _text}
 
 
 def _parser(f) -> Callable[[str, Any, str], Any]:
-    return _BY_FIELD.get(f.name) or _BY_TYPE[f.type if isinstance(f.type, str) else f.type.__name__]
+    """The field's own parser, else one from its annotation (``T`` or ``T | None``); a type without a parser
+    passes through unchanged (a field added later is never a crash here)."""
+    if f.name in _BY_FIELD:
+        return _BY_FIELD[f.name]
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    base = _BY_TYPE.get(t.removesuffix(" | None"), _as_is)
+    return _optional(base) if t.endswith(" | None") else base
 
 
 # -- files --------------------------------------------------------------------------------------------------

@@ -260,3 +260,14 @@ def test_broken_invariant_is_an_internal_error_not_a_merge_error(models, tmp_pat
     assert leftovers(tmp_path) == []
     with pytest.raises(InternalError):  # the CLI does not dress a bug up as the user's error
         main(["merge", *map(str, ab(models)), "-o", str(tmp_path / "o.safetensors")])
+
+
+def test_output_piped_into_a_closed_reader_ends_quietly():
+    """`blockmerge presets list | head -1`: the reader goes away; no traceback, exit 141 like Unix tools."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "lib_merge", "presets", "list"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # before the child has written anything
+    err = p.stderr.read().decode()
+    assert p.wait() == 141
+    assert "Traceback" not in err and "Error" not in err
