@@ -271,3 +271,23 @@ def test_output_piped_into_a_closed_reader_ends_quietly():
     err = p.stderr.read().decode()
     assert p.wait() == 141
     assert "Traceback" not in err and "Error" not in err
+
+
+def test_error_after_a_half_drawn_progress_bar_starts_its_own_line(capsys, models, tmp_path, monkeypatch):
+    calls, real_pwrite = [], os.pwrite
+
+    def full(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # draw the bar as on a terminal
+    monkeypatch.setattr("lib_merge.filesink.CHUNK_ELEMS", 64)  # many small writes: the bar is drawn mid-file
+    monkeypatch.setattr("lib_merge.filesink.BUF_BYTES", 256)
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", *map(str, ab(models)), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "%" in err and "Traceback" not in err
+    assert err.endswith(f"%\nerror: disk full while writing the output (the partial file was removed), {out}\n")
+    assert leftovers(tmp_path) == []
