@@ -1,23 +1,33 @@
-"""Command line: ``python -m lib_merge merge|inspect|presets|reproduce|demo``."""
+"""Command line: ``blockmerge`` (or ``python -m lib_merge``) ``merge|inspect|presets|reproduce|demo``.
+
+Every fault a user can cause ends as one line ``error: <what>, <which>`` and exit code 2 (``--debug`` shows the
+traceback); Ctrl-C and SIGTERM end as one line too (exit 130 / 143), after the partial output is removed.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import fields
+from typing import Iterator
 
 from .errors import MergeError
 from .modes import MODES
 from .options import DTYPE_CHOICES, VAE_CHOICES, choice_list
 
 EPILOG = """examples:
-  python -m lib_merge demo
-  python -m lib_merge merge A.safetensors B.safetensors -o out.safetensors --alpha 0.3
-  python -m lib_merge merge A.safetensors B.safetensors -o out.safetensors --preset GRAD_V --dtype fp16
-  python -m lib_merge merge A.safetensors B.safetensors C.safetensors -o out.safetensors --mode add_difference --alpha 1
-  python -m lib_merge merge A.safetensors B.safetensors -o out.safetensors --elemental "OUT03-OUT05:attn2:0.2"
-  python -m lib_merge inspect out.safetensors
-  python -m lib_merge reproduce out.safetensors
+  {prog} demo
+  {prog} merge A.safetensors B.safetensors -o out.safetensors --alpha 0.3
+  {prog} merge A.safetensors B.safetensors -o out.safetensors --preset GRAD_V --dtype fp16
+  {prog} merge A.safetensors B.safetensors C.safetensors -o out.safetensors --mode add_difference --alpha 1
+  {prog} merge A.safetensors B.safetensors -o out.safetensors --elemental "OUT03-OUT05:attn2:0.2"
+  {prog} merge --recipe recipe.yaml -o out.safetensors --weights GRAD_A
+  {prog} inspect out.safetensors
+  {prog} reproduce out.safetensors
 """
 
 MERGE_HELP = {
@@ -47,11 +57,21 @@ MERGE_HELP = {
 }
 
 
-def _merge_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("merge", help="merge 1-3 models into a new .safetensors file",
+def _common_options(top: bool) -> argparse.ArgumentParser:
+    """``--debug`` and ``-q``, accepted before and after the subcommand. Below the top level they default to
+    SUPPRESS, so a subcommand that does not see them leaves the top level's value alone."""
+    c = argparse.ArgumentParser(add_help=False)
+    default = False if top else argparse.SUPPRESS
+    c.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    c.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bar")
+    return c
+
+
+def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
+    p = sub.add_parser("merge", help="merge 1-3 models into a new .safetensors file", parents=[common],
                        description="Merge A [B [C]] into OUT. no_interpolation takes A; weighted_sum, sigmoid and "
                                    "inv_sigmoid take A B; add_difference, triple_sum and sum_twice take A B C.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", metavar="MODEL", help="A [B [C]] (.safetensors, or .ckpt/.pt through a safe loader)")
     p.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
     p.add_argument("--mode", choices=list(MODES), default=None, help=MERGE_HELP["mode"])
@@ -64,45 +84,57 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--bake-vae", dest="bake_vae", default=None, metavar="FILE", help=MERGE_HELP["bake_vae"])
     for name in ("include", "exclude"):
         p.add_argument("--" + name, default=None, metavar="PARTS", help=MERGE_HELP[name])
-    for name in ("prune", "force", "copy_b_only", "swap_ab", "supermerger_time_embed_out11"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=MERGE_HELP[name])
+    for name in ("prune", "force", "copy_b_only", "swap_ab", "supermerger_time_embed_out11"):  # --no-X turns off a recipe file's X
+        p.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                       help=MERGE_HELP[name])
     p.add_argument("--overwrite", action="store_true", help=MERGE_HELP["overwrite"])
     p.add_argument("--recipe", default=None, metavar="FILE", help="read the recipe from a JSON or YAML file "
-                   "(the blockmerge_recipe object); flags given on the command line override it")
+                   "(the blockmerge_recipe object; relative model paths are relative to the file's folder); "
+                   "flags given on the command line override its fields (--weights replaces its preset)")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: number of cores, at most 4)")
     p.add_argument("--device", default="cpu", help="compute device: cpu (default) or cuda")
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lib_merge", description="BlockMerge: block-weighted merging of "
+def default_prog() -> str:
+    """``blockmerge`` (the console script), or ``python -m lib_merge`` when run that way."""
+    return "python -m lib_merge" if os.path.basename(sys.argv[0] or "") == "__main__.py" else "blockmerge"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or default_prog()
+    epilog = EPILOG.format(prog=prog)
+    p = argparse.ArgumentParser(prog=prog, description="BlockMerge: block-weighted merging of "
                                 "Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL), streamed tensor by tensor.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[_common_options(top=True)])
+    common = _common_options(top=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _merge_parser(sub)
-    i = sub.add_parser("inspect", help="architecture, dtypes, size, block summary and metadata of a checkpoint")
+    _merge_parser(sub, common, epilog)
+    i = sub.add_parser("inspect", help="architecture, dtypes, size, block summary and metadata of a checkpoint",
+                       parents=[common])
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--hash", action="store_true", help="also compute the sha256 (cached)")
-    pr = sub.add_parser("presets", help="list or show block-weight presets")
+    pr = sub.add_parser("presets", help="list or show block-weight presets", parents=[common])
     psub = pr.add_subparsers(dest="presets_cmd", metavar="list|show")
     psub.required = True
-    pl = psub.add_parser("list", help="list preset names")
+    pl = psub.add_parser("list", help="list preset names", parents=[common])
     pl.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
-    ps = psub.add_parser("show", help="show a preset's values")
+    ps = psub.add_parser("show", help="show a preset's values", parents=[common])
     ps.add_argument("name")
     ps.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
-    r = sub.add_parser("reproduce", help="re-run the recipe stored in a merged file and check the bytes are identical")
+    r = sub.add_parser("reproduce", help="re-run the recipe stored in a merged file and check the bytes are identical",
+                       parents=[common])
     r.add_argument("file")
     r.add_argument("-o", "--output", default=None, help="where to write (default: <stem>.reproduced.safetensors beside FILE)")
     r.add_argument("--search", action="append", default=[], metavar="DIR", help="folder (with subfolders) to look for inputs by sha256; "
                    "the hash cache, the output's folder and the current folder are always looked in")
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--threads", type=int, default=None)
-    d = sub.add_parser("demo", help="build two small checkpoints with the real SD1.5 key layout, merge them, inspect")
+    d = sub.add_parser("demo", help="build two small checkpoints with the real SD1.5 key layout, merge them, inspect",
+                       parents=[common])
     d.add_argument("dir", nargs="?", default=None, help="parent folder (a fresh subfolder is made each run)")
     return p
 
@@ -111,6 +143,13 @@ class Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
         self.last = 0.0
+        self.open_line = False  # a bar is drawn without its newline yet
+
+    def close(self) -> None:
+        """End a half-drawn bar, so an error message starts its own line."""
+        if self.open_line:
+            sys.stderr.write("\n")
+            self.open_line = False
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -122,27 +161,31 @@ class Progress:
         frac = done / total if total else 1.0
         bar = "#" * int(frac * 30)
         sys.stderr.write(f"\r{stage:<24} [{bar:<30}] {frac * 100:5.1f}%")
+        self.open_line = True
         if done >= total:
-            sys.stderr.write("\n")
+            self.close()
         sys.stderr.flush()
 
 
-def cmd_merge(args) -> int:
-    from .merge import merge_to_file
-    from .recipe import Recipe, load_recipe_file
-    recipe = load_recipe_file(args.recipe) if args.recipe else Recipe()
-    if args.models:
-        recipe.models = list(args.models)
+def merge_recipe(args):
+    """The ``--recipe`` file (or the defaults) with every field given on the command line laid over it."""
+    from .recipe import Recipe, load_recipe_file, with_overrides
+    base = load_recipe_file(args.recipe) if args.recipe else Recipe()
+    changes = {"models": list(args.models)} if args.models else {}
     for f in fields(Recipe):
-        if f.name == "models":
-            continue
-        v = getattr(args, f.name, None)
+        v = getattr(args, f.name, None) if f.name != "models" else None
+        if isinstance(v, str) and not v.strip():
+            raise MergeError(f"empty {f.name.replace('_', ' ')}, --{f.name.replace('_', '-')}")
         if v is not None:
-            setattr(recipe, f.name, v)
-    from .merge import normalize_recipe
-    recipe = normalize_recipe(recipe)
+            changes[f.name] = v
+    return with_overrides(base, changes)
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_to_file, normalize_recipe
+    recipe = normalize_recipe(merge_recipe(args))
     res = merge_to_file(recipe, args.output, overwrite=args.overwrite, threads=args.threads, device=args.device,
-                        progress=Progress(not args.quiet))
+                        progress=args.progress)
     for line in res.plan.report.lines():
         print(f"note: {line}")
     print(f"wrote {res.output} ({res.output.stat().st_size / 1e9:.3f} GB) in {res.seconds:.2f} s")
@@ -192,7 +235,7 @@ def cmd_presets(args) -> int:
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
     ok, new, detail = reproduce(args.file, args.output, args.search, args.overwrite, args.threads,
-                                progress=Progress(not args.quiet))
+                                progress=args.progress)
     print(detail)
     return 0 if ok else 1
 
@@ -207,16 +250,58 @@ COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "presets": cmd_presets, 
             "demo": cmd_demo}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so the same cleanup (partial file removed) runs."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the command runs, SIGTERM raises ``Terminated`` in the main thread (only it may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        return COMMANDS[args.command](args)
-    except MergeError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise the broken pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def fail(args, message: str, code: int) -> int:
+    args.progress.close()
+    print("error: " + " ".join(message.splitlines()), file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    args.progress = Progress(not args.quiet)
+    with sigterm_as_interrupt():
+        try:
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return code
+        except MergeError as e:
+            if args.debug:
+                raise
+            return fail(args, str(e), 2)
+        except Terminated:
+            return fail(args, "terminated by SIGTERM", 128 + signal.SIGTERM)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            _stdout_to_devnull()
+            return 128 + getattr(signal, "SIGPIPE", 13)
+        except KeyboardInterrupt:
+            return fail(args, "interrupted", 130)

@@ -4,14 +4,20 @@ The output header is computed from the plan before any tensor is read; the file 
 tensor (in chunks) is written at its final offset. Worker threads read, merge and cast chunks into pooled
 buffers; the main thread writes them in file order and hashes the bytes as they are written, so the output's
 sha256 costs no second pass. Only a few chunks are in memory at once. The file is written under a temporary
-name in the target folder and renamed at the end; on any error the temporary file is removed.
+name (``.NAME.PID.partial``) in the target folder and renamed at the end; on any error or interrupt the temporary
+file is removed, and one left by a killed process is removed by the next run that writes the same output.
+
+What the user's machine can refuse (device, folder permissions, free space) is checked before the first byte is
+written, and an ``OSError`` from writing becomes a one-line ``MergeError`` naming the output.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,13 +29,133 @@ import torch
 
 from .compute import merge_tensors
 from .dtypes import ITEMSIZE, ST_TO_TORCH
-from .errors import MergeError, MergeInterrupted
+from .errors import InternalError, MergeError, MergeInterrupted
 from .finite import InputReader, NonFinite
 from .plan import KeyPlan, Plan
 from .sources import Source
 
 CHUNK_ELEMS = int(os.environ.get("BLOCKMERGE_CHUNK", 1 << 19))  # elements per chunk: small enough to stay in cache
 BUF_BYTES = CHUNK_ELEMS * 4  # each raw/output buffer; 8-byte dtypes get half as many elements per chunk
+
+
+DEVICE_NAMES = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}  # GPU backends a merge can compute on, besides cpu
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+# -- pre-flight checks ---------------------------------------------------------------------------------------
+def check_device(device: str | torch.device) -> torch.device:
+    """The compute device, refused before any work when torch does not know it or this machine lacks it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or (dev.type != "cpu" and dev.type not in DEVICE_NAMES):
+        raise MergeError(f"unknown device {str(device)!r} (cpu, cuda, cuda:N, mps or xpu), --device")
+    if dev.type == "cpu":
+        return dev
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    name = DEVICE_NAMES[dev.type]
+    if backend is None or not backend.is_available():
+        raise MergeError(f"{name} is not available, --device {device}")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise MergeError(f"{name} device {dev.index} does not exist ({count} found), --device {device}")
+    return dev
+
+
+def partial_path(target: Path, pid: int | None = None) -> Path:
+    """Where ``target`` is written until it is complete: ``.NAME.PID.partial`` beside it."""
+    return target.with_name(f".{target.name}.{os.getpid() if pid is None else pid}.partial")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[str]:
+    """Remove ``.NAME.PID.partial`` files of ``target`` whose process has ended (a killed run); one note each."""
+    prefix, notes = f".{target.name}.", []
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return notes
+    for name in names:
+        pid = name[len(prefix):-len(".partial")] if name.startswith(prefix) and name.endswith(".partial") else ""
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            os.unlink(target.parent / name)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            notes.append(f"could not remove a partial file left by an interrupted run ({e.strerror}), "
+                         f"{target.parent / name}")
+            continue
+        notes.append(f"removed a partial file left by an interrupted run (process {pid} has ended), "
+                     f"{target.parent / name}")
+    return notes
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def write_error(e: OSError, target: Path) -> MergeError:
+    """An OSError from creating, writing or renaming the output, as the one line a user can act on."""
+    if e.errno in NO_SPACE:
+        return MergeError(f"disk full while writing the output (the partial file was removed), {target}")
+    if e.errno in NO_PERMISSION:
+        return MergeError(f"cannot write to the output folder ({e.strerror}), {target.parent}")
+    if e.errno == errno.EEXIST:
+        return MergeError(f"this output is already being written by this process, {target}")
+    return MergeError(f"cannot write the output ({e.strerror or e}), {target}")
+
+
+def check_free_space(target: Path, nbytes: int) -> None:
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        return  # cannot tell (some network file systems): the write itself will say
+    if free < nbytes:
+        raise MergeError(f"not enough free space: the output needs {_human(nbytes)}, {_human(free)} free, {target}")
+
+
+def data_bytes(plan: Plan) -> int:
+    """Bytes of tensor data in the output (the file adds a header of a few hundred kB at most)."""
+    total = 0
+    for kp in plan.keys:
+        n = ITEMSIZE[kp.out_dtype]
+        for d in kp.shape:
+            n *= d
+        total += n
+    return total
+
+
+def prepare_output(target: Path, nbytes: int) -> list[str]:
+    """Everything about the output that can fail, checked before the inputs are hashed and before any byte is
+    written: stale partial files are removed, the folder accepts a new file (a real attempt: permission bits
+    say nothing for root or read-only mounts) and has room for ``nbytes``. Returns notes for the user."""
+    notes = remove_stale_partials(target)
+    probe = partial_path(target)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.unlink(probe)
+    except OSError as e:
+        raise write_error(e, target) from None
+    check_free_space(target, nbytes)
+    return notes
 
 
 def build_header(plan: Plan, metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
@@ -108,7 +234,7 @@ class FileSink:
         self.bake = bake
         self.metadata = metadata
         self.threads = max(1, threads or min(os.cpu_count() or 1, 4))
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.nonfinite = NonFinite()  # NaN/Inf found while writing; notes added to plan.report at the end
         self.bake_map: dict[str, str] = {}
         if bake is not None:
@@ -182,13 +308,17 @@ class FileSink:
         tasks = _tasks(self.plan, offsets, self._in_itemsize)
         total = max((e for _, e in offsets.values()), default=len(header))
         target = Path(target)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        check_free_space(target, total)
+        tmp = partial_path(target)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise write_error(e, target) from None
         ok = False
         try:
-            os.ftruncate(fd, total)
+            _checked(os.ftruncate, target, fd, total)
             h = hashlib.sha256()
-            os.pwrite(fd, header, 0)
+            _pwrite_all(fd, memoryview(header), 0, target)
             h.update(header)
             written = len(header)
             window = self.threads * 2
@@ -213,20 +343,22 @@ class FileSink:
                     for task in it:
                         pending.append((task, ex.submit(job, task)))
                         if len(pending) >= window:
-                            written = self._drain_one(fd, h, pending, pool, written, total, progress, cancel)
+                            written = self._drain_one(fd, h, pending, pool, written, total, progress, cancel, target)
                     while pending:
-                        written = self._drain_one(fd, h, pending, pool, written, total, progress, cancel)
+                        written = self._drain_one(fd, h, pending, pool, written, total, progress, cancel, target)
                 except BaseException:
                     for _, f in pending:
                         f.cancel()
                     raise
             if written != total:
-                raise MergeError(f"internal error: wrote {written} of {total} bytes, {target}")
-            os.close(fd)
-            fd = -1
+                raise InternalError(f"wrote {written} of {total} bytes, {target}")
+            closing, fd = fd, -1
+            _checked(os.close, target, closing)  # network file systems may report a full disk only here
+            if target.is_dir():
+                raise MergeError(f"output is a folder, {target}")
             if target.exists() and not overwrite:
                 raise MergeError(f"output exists (use --overwrite), {target}")
-            os.replace(tmp, target)
+            _checked(os.replace, target, tmp, target)
             ok = True
             self.plan.report.notes.extend(self.nonfinite.notes())
             return h.hexdigest()
@@ -240,16 +372,14 @@ class FileSink:
                     pass
 
     @staticmethod
-    def _drain_one(fd, h, pending, pool, written, total, progress, cancel) -> int:
+    def _drain_one(fd, h, pending, pool, written, total, progress, cancel, target) -> int:
         task, fut = pending.popleft()
         buf, data = fut.result()
         try:
             if task.offset != written:
-                raise MergeError(f"internal error: out-of-order write at {task.kp.key}")
+                raise InternalError(f"out-of-order write at {task.kp.key}")
             mv = memoryview(data.numpy())
-            n = 0
-            while n < len(mv):
-                n += os.pwrite(fd, mv[n:], task.offset + n)
+            _pwrite_all(fd, mv, task.offset, target)
             h.update(mv)
         finally:
             pool.put(buf)
@@ -259,3 +389,20 @@ class FileSink:
         if cancel and cancel():
             raise MergeInterrupted("merge interrupted, nothing written")
         return written
+
+
+def _checked(call: Callable, target: Path, *args) -> None:
+    try:
+        call(*args)
+    except OSError as e:
+        raise write_error(e, target) from None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, target: Path) -> None:
+    """Write all of ``data`` at ``offset`` (loops over short writes); disk full etc. name the output."""
+    n = 0
+    try:
+        while n < len(data):
+            n += os.pwrite(fd, data[n:], offset + n)
+    except OSError as e:
+        raise write_error(e, target) from None

@@ -10,11 +10,11 @@ from typing import Callable
 
 from . import hashing
 from .errors import MergeError
-from .filesink import FileSink
 from .dtypes import is_float
+from .filesink import FileSink, check_device, data_bytes, prepare_output
 from .metadata import InputFile, build_metadata, file_name, output_stem
 from .plan import Plan, build_plan
-from .recipe import Recipe
+from .recipe import Recipe, as_recipe, check_path_text
 from .sources import Source, open_source
 
 
@@ -56,12 +56,18 @@ def writes_only_fp16(plan: Plan) -> bool:
     return bool(floats) and all(dt == "F16" for dt in floats)
 
 
-def check_output_path(output: Path, inputs: list[Path], overwrite: bool) -> Path:
+def check_output_path(output: str | os.PathLike, inputs: list[Path], overwrite: bool) -> Path:
+    """What the output path alone can tell: the folder, the name, an input or a folder in the way."""
+    if not isinstance(output, (str, os.PathLike)):
+        raise MergeError(f"output must be a file path, got {type(output).__name__}")
     out = Path(output)
+    check_path_text(str(out), "output")
     if out.suffix.lower() != ".safetensors":
         raise MergeError(f"output must end in .safetensors, {out}")
     if not out.parent.is_dir():
         raise MergeError(f"output folder does not exist, {out.parent}")
+    if out.is_dir():
+        raise MergeError(f"output is a folder, {out}")
     real = os.path.realpath(out)
     for p in inputs:
         if os.path.realpath(p) == real:
@@ -71,27 +77,39 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool) -> Path
     return out
 
 
-def merge_to_file(recipe: Recipe, output: str | Path, *, overwrite: bool = False, threads: int | None = None,
-                  device: str = "cpu", progress: Callable[[str, int, int], None] | None = None,
+def check_threads(threads: object) -> int | None:
+    if threads is None or (type(threads) is int and threads >= 0):
+        return threads or None
+    raise MergeError(f"threads must be a whole number (0 or None: one per core, at most 4), threads={threads!r}")
+
+
+def merge_to_file(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite: bool = False,
+                  threads: int | None = None, device: str = "cpu", progress: Callable[[str, int, int], None] | None = None,
                   cancel: Callable[[], bool] | None = None, locate: dict[str, str] | None = None,
                   output_name: str | None = None, metadata: dict[str, str] | None = None) -> MergeResult:
     """Merge to ``output``. Inputs may be str or Path, relative or absolute: the metadata records their file
     names and sha256 only. ``locate`` maps a role ("a", "b", "c", "vae") to where that input is now (the
     recipe's entry then only gives the recorded name), ``output_name`` is the name
     recorded in the metadata (default: the output's stem), and ``metadata`` replaces the metadata built here
-    (reproduce of a file written with an older metadata layout)."""
+    (reproduce of a file written with an older metadata layout). ``recipe`` may be a ``Recipe`` or a dict in
+    the recipe's JSON form; either is type-checked and validated before anything is read. Everything a user can
+    cause raises ``MergeError``, before the first output byte is written where it can be known then (device,
+    output folder, free space)."""
     t0 = time.perf_counter()
-    recipe.validate()
+    recipe = as_recipe(recipe)
+    threads = check_threads(threads)
+    check_device(device)
     locate = locate or {}
     recorded = [os.fspath(m) for m in recipe.models]
     paths = [Path(locate.get(role, m)) for role, m in zip("abc", recorded)]
     vae_rec = os.fspath(recipe.bake_vae) if recipe.bake_vae else None
     vae_path = Path(locate.get("vae", vae_rec)) if vae_rec else None
-    out = check_output_path(Path(output), paths + ([vae_path] if vae_path else []), overwrite)
+    out = check_output_path(output, paths + ([vae_path] if vae_path else []), overwrite)
     with ExitStack() as stack:
         sources: list[Source] = [stack.enter_context(open_source(p)) for p in paths]
         bake = stack.enter_context(open_source(vae_path)) if vae_path else None
         plan = build_plan(recipe, sources, bake)
+        plan.report.notes.extend(prepare_output(out, data_bytes(plan)))
         inputs = [_input(role, rec, src, progress) for role, rec, src in zip("abc", recorded, sources)]
         if bake is not None:
             inputs.append(_input("vae", vae_rec, bake, progress))

@@ -1,16 +1,25 @@
-"""A merge as a value: the recipe that can be printed, stored in metadata, compared and re-run."""
+"""A merge as a value: the recipe that can be printed, stored in metadata, compared and re-run.
+
+Recipes arrive from JSON/YAML files, API dicts and Python callers, so every field is parsed by its declared type
+(``alpha: true`` is not 1.0, ``prune: "no"`` is not "on", a string ``models`` is not one model per letter) and a
+wrong type is a one-line ``MergeError`` naming the field and where the recipe came from.
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import MergeError
 from .modes import get_mode
-from .options import DTYPE_CHOICES, VAE_CHOICES, check_choice, check_exclusive
+from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
 
 RECIPE_VERSION = 1
+MAX_RECIPE_FILE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
 
 
 @dataclass
@@ -50,7 +59,7 @@ class Recipe:
             raise MergeError(f"--swap-ab works with weighted_sum, sigmoid and inv_sigmoid only, not {self.mode}")
         for name in ("alpha", "beta"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise MergeError(f"{name} must be a finite number, {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,57 +68,224 @@ class Recipe:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], origin: str = "recipe") -> "Recipe":
-        if not isinstance(data, dict):
-            raise MergeError(f"recipe must be an object, {origin}")
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> "Recipe":
+        """Parse every field by its type; ``origin`` (a file, "metadata", …) ends each error message."""
+        if not isinstance(data, Mapping):
+            raise MergeError(f"recipe must be an object (a mapping of field names), got {_kind(data)}, {origin}")
         version = data.get("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
+        if type(version) is not int or version != RECIPE_VERSION:
             raise MergeError(f"unsupported recipe version {version!r}, {origin}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f for f in fields(cls)}
         unknown = [k for k in data if k not in known and k not in ("version", "resolved", "inputs")]
         if unknown:
             raise MergeError(f"unknown recipe field {unknown[0]!r}, {origin}")
-        kw = {k: v for k, v in data.items() if k in known}
-        kw["models"] = _model_entries(kw.get("models", []), origin)
-        r = cls(**kw)
-        r.alpha = float(r.alpha)
-        r.beta = float(r.beta)
-        return r
+        kw = {k: _parser(f)(k, v, origin) for k, v in data.items() if (f := known.get(k)) is not None}
+        return cls(**kw)
 
 
-def _model_entries(models: Any, origin: str) -> list[str]:
-    """``models`` as paths or file names: strings (a merged file records bare file names, older ones absolute
-    paths), or objects with a ``name`` or ``path`` string."""
-    if not isinstance(models, list):
-        raise MergeError(f"recipe field models must be a list of file names, {origin}")
-    out = []
-    for m in models:
-        if isinstance(m, dict):
-            m = m.get("path", m.get("name"))
-        if not isinstance(m, str) or not m:
-            raise MergeError(f"recipe field models has an entry that is not a file name: {m!r}, {origin}")
-        out.append(m)
-    return out
+def as_recipe(value: Recipe | Mapping[str, Any], origin: str = "recipe") -> Recipe:
+    """A typed, validated copy of what an API caller passed: a ``Recipe`` (fields may hold ``Path`` objects or
+    ints) or a dict in the recipe's JSON form. Anything else is refused."""
+    if isinstance(value, Recipe):
+        value = {f.name: getattr(value, f.name) for f in fields(Recipe)}
+    elif not isinstance(value, Mapping):
+        got = "None" if value is None else type(value).__name__
+        raise MergeError(f"recipe must be a Recipe or a dict, got {got}, {origin}")
+    recipe = Recipe.from_dict(value, origin)
+    recipe.validate()
+    return recipe
 
 
-def load_recipe_file(path: str | Path) -> Recipe:
-    p = Path(path)
+def with_overrides(recipe: Recipe, changes: Mapping[str, Any], origin: str = "command line") -> Recipe:
+    """``recipe`` with ``changes`` applied (typed). Giving one of weights/preset drops the recipe's other one,
+    so ``--weights`` replaces a recipe's ``preset`` instead of clashing with it."""
+    data = {f.name: getattr(recipe, f.name) for f in fields(Recipe)}
+    for a, b in ONE_OF:  # giving one of a pair drops the recipe's other
+        if a in changes and b not in changes:
+            data[b] = None
+        elif b in changes and a not in changes:
+            data[a] = None
+    return Recipe.from_dict({**data, **changes}, origin)
+
+
+# -- typed field parsers ------------------------------------------------------------------------------------
+def _kind(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _got(v: Any) -> str:
+    """How a wrong value reads in a message: JSON words for null/true/false, else its type and a short repr."""
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _number(key: str, v: Any, origin: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise MergeError(f"{key} must be a number (got {_got(v)}), {origin}")
+    if not math.isfinite(v):
+        raise MergeError(f"{key} must be a finite number (got {v!r}), {origin}")
+    return float(v)
+
+
+def _flag(key: str, v: Any, origin: str) -> bool:
+    if not isinstance(v, bool):
+        raise MergeError(f"{key} must be true or false (got {_got(v)}), {origin}")
+    return v
+
+
+def _text(key: str, v: Any, origin: str) -> str:
+    if not isinstance(v, str):
+        raise MergeError(f"{key} must be a string (got {_got(v)}), {origin}")
+    return v
+
+
+def _joined(sep: str, item_ok: Callable[[Any], bool], what: str) -> Callable[[str, Any, str], str | None]:
+    """An optional text field that also takes a list (YAML/JSON users write vectors and rule lists as lists)."""
+    def parse(key: str, v: Any, origin: str) -> str | None:
+        if isinstance(v, (list, tuple)):
+            bad = [x for x in v if not item_ok(x)]
+            if bad:
+                raise MergeError(f"{key} list items must be {what} (got {_got(bad[0])}), {origin}")
+            v = sep.join(str(x) for x in v)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise MergeError(f"{key} must be a string or a list of {what} (got {_got(v)}), {origin}")
+        return v if v.strip() else None
+    return parse
+
+
+def _is_number(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float))
+
+
+def _integer(key: str, v: Any, origin: str) -> int:
+    if type(v) is not int:
+        raise MergeError(f"{key} must be a whole number (got {_got(v)}), {origin}")
+    return v
+
+
+def _as_is(key: str, v: Any, origin: str) -> Any:
+    return v
+
+
+def _optional(parse: Callable[[str, Any, str], Any]) -> Callable[[str, Any, str], Any]:
+    """``X | None``: null (or blank text) means unset, anything else must be an X."""
+    def parse_optional(key: str, v: Any, origin: str) -> Any:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else parse(key, v, origin)
+    return parse_optional
+
+
+def _path(key: str, v: Any, origin: str) -> str:
+    if isinstance(v, Mapping):  # older recipes: {"path": ...}
+        if "path" not in v:
+            raise MergeError(f"{key} entry needs a 'path' (got keys {', '.join(map(str, v)) or 'none'}), {origin}")
+        v = v["path"]
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if not isinstance(v, str):
+        raise MergeError(f"{key} must be a file path (got {_got(v)}), {origin}")
+    if not v.strip():
+        raise MergeError(f"{key} is an empty path, {origin}")
+    check_path_text(v, key)
+    return v
+
+
+def _paths(key: str, v: Any, origin: str) -> list[str]:
+    if not isinstance(v, (list, tuple)):
+        raise MergeError(f"{key} must be a list of file paths (got {_got(v)}), {origin}")
+    return [_path(f"{key}[{i}]", m, origin) for i, m in enumerate(v)]
+
+
+def check_path_text(path: str, which: str) -> None:
+    """A path must be storable in the output's UTF-8 metadata and openable (no NUL byte)."""
+    if "\x00" in path:
+        raise MergeError(f"file path contains a NUL byte, {which} {path!r}")
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise MergeError(f"cannot read recipe: {e.strerror}, {p}") from None
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MergeError(f"file name is not valid UTF-8 (rename the file), {which} {path!r}") from None
+
+
+_BY_FIELD: dict[str, Callable[[str, Any, str], Any]] = {
+    "models": _paths,
+    "bake_vae": _optional(_path),
+    "weights": _joined(",", _is_number, "numbers"),
+    "weights_beta": _joined(",", _is_number, "numbers"),
+    "include": _joined(",", lambda x: isinstance(x, str), "strings"),
+    "exclude": _joined(",", lambda x: isinstance(x, str), "strings"),
+    "elemental": _joined("\n", lambda x: isinstance(x, str), "strings"),
+}
+_BY_TYPE: dict[str, Callable[[str, Any, str], Any]] = {"float": _number, "int": _integer, "bool": _flag, "str": _text}
+
+
+def _parser(f) -> Callable[[str, Any, str], Any]:
+    """The field's own parser, else one from its annotation (``T`` or ``T | None``); a type without a parser
+    passes through unchanged (a field added later is never a crash here)."""
+    if f.name in _BY_FIELD:
+        return _BY_FIELD[f.name]
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    base = _BY_TYPE.get(t.removesuffix(" | None"), _as_is)
+    return _optional(base) if t.endswith(" | None") else base
+
+
+# -- files --------------------------------------------------------------------------------------------------
+class _AliasFound(Exception):
+    pass
+
+
+def _refuse_aliases(yaml):
+    """A SafeLoader that refuses aliases: a few hundred bytes of nested ``*refs`` expand to gigabytes."""
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                ev = self.peek_event()
+                raise _AliasFound(f"*{ev.anchor} at line {ev.start_mark.line + 1}")
+            return super().compose_node(parent, index)
+    return NoAliasLoader
+
+
+def _parse_text(text: str, p: Path) -> Any:
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise MergeError(f"reading YAML recipes needs PyYAML (pip install pyyaml), {p}") from None
         try:
-            data = yaml.safe_load(text)
+            return yaml.load(text, Loader=_refuse_aliases(yaml))
+        except _AliasFound as e:
+            raise MergeError(f"YAML aliases are not allowed in a recipe ({e}), {p}") from None
         except yaml.YAMLError as e:
             raise MergeError(f"recipe is not valid YAML ({str(e).splitlines()[0]}), {p}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MergeError(f"recipe is not valid JSON ({e.msg} at line {e.lineno}), {p}") from None
-    return Recipe.from_dict(data, str(p))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MergeError(f"recipe is not valid JSON ({e.msg} at line {e.lineno}), {p}") from None
+    except RecursionError:
+        raise MergeError(f"recipe is nested too deeply, {p}") from None
+
+
+def _against(folder: Path, path: str) -> str:
+    return path if os.path.isabs(path) else str(folder / path)
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    """Read a JSON or YAML recipe. Relative model paths are relative to the recipe file's folder (where the
+    recipe's author put them), not to the folder the command runs in."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_RECIPE_FILE_BYTES + 1)
+    except OSError as e:
+        raise MergeError(f"cannot read recipe: {e.strerror}, {p}") from None
+    if len(raw) > MAX_RECIPE_FILE_BYTES:
+        raise MergeError(f"recipe file is larger than {MAX_RECIPE_FILE_BYTES >> 20} MiB (not a recipe?), {p}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergeError(f"recipe is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}), {p}") from None
+    r = Recipe.from_dict(_parse_text(text, p), str(p))
+    return replace(r, models=[_against(p.parent, m) for m in r.models],
+                   bake_vae=_against(p.parent, r.bake_vae) if r.bake_vae else None)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,3 +86,31 @@ def test_demo_runs_twice(tmp_path):
         assert r.returncode == 0, r.stderr
         assert "architecture: SD1.x (normal)" in r.stdout and "GRAD_V" in r.stdout
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_console_script_usage_says_blockmerge(monkeypatch, capsys):
+    from lib_merge.cli import build_parser, main
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/blockmerge"])
+    assert build_parser().format_usage().startswith("usage: blockmerge [-h] [--debug] [-q] COMMAND")
+    assert "  blockmerge merge A.safetensors B.safetensors" in build_parser().format_help()
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "lib_merge" / "__main__.py")])
+    assert build_parser().format_usage().startswith("usage: python -m lib_merge ")
+    assert cli("merge", "--help").stdout.startswith("usage: python -m lib_merge merge ")
+    assert "blockmerge = \"lib_merge.cli:main\"" in (ROOT / "pyproject.toml").read_text()
+
+
+def test_quiet_and_debug_after_the_subcommand(tmp_path, models, capsys):
+    from lib_merge.cli import main
+    from lib_merge.errors import MergeError
+    assert main(["presets", "list", "-q"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 38
+    assert main(["merge", str(models["sd15_a"]), str(models["sd15_b"]), "-o", str(tmp_path / "o.safetensors"),
+                 "-q"]) == 0
+    # --debug after the subcommand shows the traceback, like --debug before it
+    args = ["merge", str(models["sd15_a"]), "-o", str(tmp_path / "x.safetensors")]
+    for argv in (["--debug", *args], [*args, "--debug"]):
+        with pytest.raises(MergeError, match="mode weighted_sum takes 2 models"):
+            main(argv)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err == "error: mode weighted_sum takes 2 models (A B), got 1\n"
