@@ -89,7 +89,7 @@ def test_demo_runs_twice(tmp_path):
 
 
 def test_console_script_usage_says_blockmerge(monkeypatch, capsys):
-    from lib_merge.cli import build_parser, main
+    from lib_merge.cli import build_parser
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/blockmerge"])
     assert build_parser().format_usage().startswith("usage: blockmerge [-h] [--debug] [-q] COMMAND")
     assert "  blockmerge merge A.safetensors B.safetensors" in build_parser().format_help()

@@ -59,11 +59,10 @@ def test_one_of_rule_same_message_from_cli_recipe_file_and_request(tmp_path, mod
     code = main(["merge", str(models["sd15_a"]), str(models["sd15_b"]), "-o", str(out), "--weights", "0.5",
                  "--preset", "GRAD_V"])
     assert code == 2 and capsys.readouterr().err.strip() == f"error: {BOTH}" and not out.exists()
-    # preset from a recipe file, weights on the command line
+    # both in a recipe file (a flag would replace the file's other one: --weights over its preset)
     recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({"preset": "GRAD_V"}))
-    code = main(["merge", str(models["sd15_a"]), str(models["sd15_b"]), "-o", str(out), "--recipe", str(recipe),
-                 "--weights", "0.5"])
+    recipe.write_text(json.dumps({"preset": "GRAD_V", "weights": "0.5"}))
+    code = main(["merge", str(models["sd15_a"]), str(models["sd15_b"]), "-o", str(out), "--recipe", str(recipe)])
     assert code == 2 and capsys.readouterr().err.strip() == f"error: {BOTH}"
     with pytest.raises(MergeError) as e:
         to_recipe({"model_b": "b", "weights": "0.5", "preset": "GRAD_V"}, lambda n, f: n, "a")

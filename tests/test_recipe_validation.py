@@ -83,7 +83,7 @@ def test_with_overrides_replaces_the_other_vector_form():
     assert (r.weights, r.preset, r.weights_beta) == ("0," * 25 + "1", None, base.weights_beta)
     r = with_overrides(base, {"preset_beta": "GRAD_A"})
     assert (r.preset, r.weights_beta, r.preset_beta) == ("GRAD_V", None, "GRAD_A")
-    with pytest.raises(MergeError, match="give either weights or a preset, not both"):
+    with pytest.raises(MergeError, match="give weights or preset, not both, weights/preset"):
         as_recipe(with_overrides(base, {"weights": "0.5", "preset": "GRAD_A"}))
 
 
