@@ -11,6 +11,7 @@ pickle around :class:`lib_merge.safe_pickle.RestrictedUnpickler` (see that modul
 - anything else (a plain pickle, torch's pre-1.0 tar format) is read as a legacy file, so it stops at the
   first pickle: a refused global, or "no magic number".
 
+Each pickle is bounded and sanity-checked by :mod:`lib_merge.pickle_bounds` before it is unpickled from memory.
 Only the tensors of the state dict are built (after all pickles are read), so optimizer states and other
 training leftovers outside it are never read from disk; the ``location`` is ignored, everything is CPU.
 """
@@ -25,11 +26,11 @@ from typing import Any
 import torch
 
 from .errors import MergeError
+from .pickle_bounds import MAX_PICKLE_BYTES, pickle_length, take_pickle
 from .safe_pickle import (MAGIC_NUMBER, PROTOCOL_VERSION, StorageRef, StorageType, TensorRef,
-                          restricted_load)
+                          restricted_loads)
 
 ZIP_MAGIC = b"PK\x03\x04"
-MAX_PICKLE_BYTES = 256 * 1024 * 1024  # SD checkpoints' data.pkl is well under 10 MB
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -71,11 +72,23 @@ def build_tensor(buf: bytearray, ref: TensorRef) -> torch.Tensor:
                          f"({str(e).splitlines()[0][:160]})") from None
 
 
+def read_exactly(fd: int, offset: int, nbytes: int, path: Path) -> bytearray:
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    done = 0
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise MergeError(f"truncated checkpoint: {nbytes - done} bytes missing at byte {offset + done}, {path}")
+        done += got
+    return buf
+
+
 class ZipCheckpoint:
     """torch's zip format, read with :mod:`zipfile`; storage records are read only when a tensor needs them."""
 
     def __init__(self, f: io.BufferedReader, path: Path):
-        self.path = path
+        self.f, self.path = f, path
         self.zf = zipfile.ZipFile(f)
         names = self.zf.namelist()
         if not names:
@@ -90,7 +103,9 @@ class ZipCheckpoint:
                              f"(a TorchScript or other zip file?), {path}")
         if pkl.file_size > MAX_PICKLE_BYTES:
             raise MergeError(f"corrupt checkpoint: data.pkl is {pkl.file_size} bytes, {path}")
-        self.obj = restricted_load(io.BytesIO(self.zf.read(pkl)), str(path), self._persistent)
+        data = self.zf.read(pkl)
+        data = data[:pickle_length(data, str(path))]
+        self.obj = restricted_loads(data, str(path), self._persistent)
         self._buffers: dict[str, bytearray] = {}
 
     def _info(self, name: str, required: bool = True) -> zipfile.ZipInfo | None:
@@ -117,8 +132,21 @@ class ZipCheckpoint:
             if info.file_size < ref.storage.nbytes:
                 raise MergeError(f"corrupt checkpoint: record data/{key} has {info.file_size} bytes, "
                                  f"its tensor needs {ref.storage.nbytes}, {self.path}")
-            self._buffers[key] = bytearray(self.zf.read(info))
+            self._buffers[key] = self._read(info)
         return build_tensor(self._buffers[key], ref)
+
+    def _read(self, info: zipfile.ZipInfo) -> bytearray:
+        """A stored (uncompressed, as torch writes them) record is read straight into place; others by zipfile."""
+        if info.compress_type != zipfile.ZIP_STORED:
+            return bytearray(self.zf.read(info))
+        fd = self.f.fileno()
+        head = os.pread(fd, 30, info.header_offset)
+        if len(head) < 30 or head[:4] != ZIP_MAGIC:
+            raise MergeError(f"corrupt checkpoint: bad zip header for {info.filename}, {self.path}")
+        start = info.header_offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
+        if start + info.file_size > os.fstat(fd).st_size:
+            raise MergeError(f"truncated checkpoint: {info.filename} ends past the end of the file, {self.path}")
+        return read_exactly(fd, start, info.file_size, self.path)
 
 
 class LegacyCheckpoint:
@@ -128,19 +156,19 @@ class LegacyCheckpoint:
         self.f, self.path = f, path
         src = str(path)
         f.seek(0)
-        magic = restricted_load(f, src)
+        magic = restricted_loads(take_pickle(f, src), src)
         if type(magic) is not int or magic != MAGIC_NUMBER:
             raise MergeError(f"not a PyTorch checkpoint (neither a zip archive nor torch's legacy format: "
                              f"no magic number), {path}")
-        version = restricted_load(f, src)
+        version = restricted_loads(take_pickle(f, src), src)
         if type(version) is not int or version != PROTOCOL_VERSION:
             raise MergeError(f"unsupported checkpoint: legacy protocol version {version!r}, {path}")
-        sys_info = restricted_load(f, src)
+        sys_info = restricted_loads(take_pickle(f, src), src)
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise MergeError(f"unsupported checkpoint: big-endian tensor data, {path}")
         self.roots: dict[str, tuple[torch.dtype, int]] = {}  # root key -> (dtype, nbytes) of its first use
-        self.obj = restricted_load(f, src, self._persistent)
-        keys = restricted_load(f, src)
+        self.obj = restricted_loads(take_pickle(f, src), src, self._persistent)
+        keys = restricted_loads(take_pickle(f, src), src)
         if not isinstance(keys, list):
             raise MergeError(f"corrupt checkpoint: storage key list is a {type(keys).__name__}, {path}")
         self.offsets = self._scan([_text(k, "storage key") for k in keys], f.tell())
@@ -195,15 +223,7 @@ class LegacyCheckpoint:
     def _read(self, key: str) -> bytearray:
         if key not in self.offsets:
             raise MergeError(f"corrupt checkpoint: storage {key} has no data, {self.path}")
-        buf = bytearray(self.roots[key][1])
-        view = memoryview(buf)
-        done = 0
-        while done < len(buf):
-            got = os.preadv(self.f.fileno(), [view[done:]], self.offsets[key] + done)
-            if got <= 0:
-                raise MergeError(f"truncated checkpoint: storage {key}, {self.path}")
-            done += got
-        return buf
+        return read_exactly(self.f.fileno(), self.offsets[key], self.roots[key][1], self.path)
 
 
 def _state_dict_refs(obj: Any, path: Path) -> dict[str, TensorRef]:

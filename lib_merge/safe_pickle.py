@@ -201,6 +201,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self.on_persistent(pid)
 
 
-def restricted_load(file: io.BufferedIOBase, source: str, on_persistent: Callable[[Any], Any] | None = None) -> Any:
-    """Unpickle one object from ``file`` (left just after its STOP opcode) through the allow-list."""
-    return RestrictedUnpickler(file, source, on_persistent).load()
+def restricted_loads(data: bytes, source: str, on_persistent: Callable[[Any], Any] | None = None) -> Any:
+    """Unpickle ``data`` (one pickle, already checked by :mod:`lib_merge.pickle_bounds`) through the allow-list."""
+    return RestrictedUnpickler(io.BytesIO(data), source, on_persistent).load()

@@ -38,8 +38,8 @@ def side_effect(kind: str, m: Path) -> bytes:
         "eval": f"cbuiltins\neval\n(Vopen({m!r}, 'w')\ntR0",
         "exec": f"cbuiltins\nexec\n(Vopen({m!r}, 'w').close()\ntR0",
         "getattr": f"cbuiltins\ngetattr\n(cbuiltins\nopen\nV__call__\ntR(V{m}\nVw\ntR0",
-        "import_module": f"cimportlib\nimport_module\n(Vbuiltins\ntRp999999\n0"
-                         f"cbuiltins\ngetattr\n(g999999\nVopen\ntR(V{m}\nVw\ntR0",
+        "import_module": f"cimportlib\nimport_module\n(Vbuiltins\ntRp0\n0"
+                         f"cbuiltins\ngetattr\n(g0\nVopen\ntR(V{m}\nVw\ntR0",
     }[kind]
     return ops.encode()
 
@@ -245,6 +245,25 @@ def test_refused_name_is_shown_on_one_line(tmp_path):
     with pytest.raises(MergeError) as e:
         open_source(path)
     assert str(e.value) == f"refusing to load: the pickle needs os.sy\\x0ast, which could run code, {path}"
+
+
+def test_pickles_are_bounded_before_unpickling(tmp_path, small_sd):
+    """A memo index of a billion (minutes and gigabytes in CPython's unpickler) or a length past the end of
+    the file is refused by the pre-scan, at once."""
+    import time
+    raw = checkpoint_bytes(small_sd, False)
+    s, e = pickle_spans(raw, 4)[3]
+    memo = tmp_path / "memo.ckpt"
+    memo.write_bytes(raw[:s] + splice(raw[s:e], b"N" + b"r\x71\x31\x47\x3f" + b"0") + raw[e:])
+    long = tmp_path / "long.ckpt"
+    long.write_bytes(b"\x80\x02X\xff\xff\xff\x7f" + raw[2:])
+    t0 = time.perf_counter()
+    with pytest.raises(MergeError, match=r"^corrupt checkpoint: pickle memo index 1061630321 at byte \d+, .*memo"):
+        open_source(memo)
+    with pytest.raises(MergeError, match=r"^corrupt checkpoint: bad pickle \(expected 2147483647 bytes in a "
+                                         r"unicodestring4, but only \d+ remain\), .*long\.ckpt$"):
+        open_source(long)
+    assert time.perf_counter() - t0 < 2
 
 
 def test_codecs_encode_is_latin1_only(tmp_path, small_sd):
