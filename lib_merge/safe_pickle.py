@@ -43,7 +43,7 @@ _STUB_CLASSES = {
     ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
     ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"),
 }
-_PLAIN_BUILTINS = {"set": set, "frozenset": frozenset, "bytearray": bytearray, "complex": complex}
+_PLAIN_BUILTINS = {"set": set, "frozenset": frozenset, "complex": complex}  # not bytearray(n): n zeroed bytes
 
 
 class StorageType(NamedTuple):
@@ -138,14 +138,27 @@ _TORCH_FUNCS: dict[tuple[str, str], Callable] = {
 }
 
 
+def _multiarray():
+    try:
+        from numpy._core import multiarray  # numpy 2 (numpy 1.26 maps it to numpy.core quietly)
+    except ImportError:
+        from numpy.core import multiarray
+    return multiarray
+
+
+def _np_reconstruct(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` as ``ndarray.__reduce__`` uses it: an empty plain array that BUILD then fills
+    from the pickle's own data (so its size is bounded by the file, unlike ``_reconstruct(ndarray, (1e9,), 'O')``)."""
+    import numpy
+    if subtype is not numpy.ndarray or not isinstance(shape, tuple) or 0 not in shape:
+        raise MergeError("corrupt checkpoint: numpy array record that is not an empty ndarray")
+    return _multiarray()._reconstruct(subtype, shape, dtype)
+
+
 def _numpy_global(module: str, name: str):
     import numpy
     if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
-        try:
-            from numpy._core import multiarray  # numpy 2 (numpy 1.26 maps it to numpy.core quietly)
-        except ImportError:
-            from numpy.core import multiarray
-        return getattr(multiarray, name)
+        return _multiarray().scalar if name == "scalar" else _np_reconstruct
     if module == "numpy" and name in ("dtype", "ndarray"):
         return getattr(numpy, name)
     return None

@@ -89,7 +89,7 @@ def storage_type_call(pkl: bytes, ops: bytes) -> bytes:
 def checkpoint_bytes(sd: dict, zip_format: bool) -> bytes:
     buf = io.BytesIO()
     obj = {"state_dict": sd, "global_step": 840000, "epoch": np.int64(6), "lr": 1e-4,
-           "hyper": collections.OrderedDict(steps=[1, 2])}
+           "hyper": collections.OrderedDict(steps=[1, 2]), "arrays": [np.arange(3), np.array([None, "x"])]}
     torch.save(obj, buf, _use_new_zipfile_serialization=zip_format)
     return buf.getvalue()
 
@@ -264,6 +264,19 @@ def test_pickles_are_bounded_before_unpickling(tmp_path, small_sd):
                                          r"unicodestring4, but only \d+ remain\), .*long\.ckpt$"):
         open_source(long)
     assert time.perf_counter() - t0 < 2
+
+
+def test_numpy_arrays_are_built_only_from_pickled_data(tmp_path, small_sd):
+    raw = checkpoint_bytes(small_sd, False)
+    s, e = pickle_spans(raw, 1)[0]
+    path = tmp_path / "np.ckpt"  # _reconstruct(ndarray, (10**9,), "O"): a billion Nones, 8 GB
+    path.write_bytes(splice(raw[s:e], b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(J\x00\xca\x9a\x3b"
+                                      b"tVO\ntR0") + raw[e:])
+    with pytest.raises(MergeError, match=r"^corrupt checkpoint: numpy array record that is not an empty ndarray, "):
+        open_source(path)
+    path.write_bytes(splice(raw[s:e], b"cbuiltins\nbytearray\n(J\x00\xca\x9a\x3btR0") + raw[e:])
+    with pytest.raises(MergeError, match=r"^refusing to load: the pickle needs builtins\.bytearray, "):
+        open_source(path)
 
 
 def test_codecs_encode_is_latin1_only(tmp_path, small_sd):
