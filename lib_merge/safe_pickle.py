@@ -146,21 +146,31 @@ def _multiarray():
     return multiarray
 
 
+class _NdarrayName:
+    """What ``numpy.ndarray`` becomes: only :func:`_np_reconstruct` takes it (not a type, so NEWOBJ cannot
+    call ``ndarray.__new__`` with a shape of its choosing)."""
+
+
+_NDARRAY = _NdarrayName()
+
+
 def _np_reconstruct(subtype, shape, dtype):
     """numpy's ``_reconstruct`` as ``ndarray.__reduce__`` uses it: an empty plain array that BUILD then fills
     from the pickle's own data (so its size is bounded by the file, unlike ``_reconstruct(ndarray, (1e9,), 'O')``)."""
     import numpy
-    if subtype is not numpy.ndarray or not isinstance(shape, tuple) or 0 not in shape:
+    if subtype is not _NDARRAY or not isinstance(shape, tuple) or 0 not in shape:
         raise MergeError("corrupt checkpoint: numpy array record that is not an empty ndarray")
-    return _multiarray()._reconstruct(subtype, shape, dtype)
+    return _multiarray()._reconstruct(numpy.ndarray, shape, dtype)
 
 
 def _numpy_global(module: str, name: str):
     import numpy
     if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("scalar", "_reconstruct"):
         return _multiarray().scalar if name == "scalar" else _np_reconstruct
-    if module == "numpy" and name in ("dtype", "ndarray"):
-        return getattr(numpy, name)
+    if module == "numpy" and name == "dtype":
+        return numpy.dtype
+    if module == "numpy" and name == "ndarray":
+        return _NDARRAY
     return None
 
 

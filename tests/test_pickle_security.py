@@ -274,6 +274,9 @@ def test_numpy_arrays_are_built_only_from_pickled_data(tmp_path, small_sd):
                                       b"tVO\ntR0") + raw[e:])
     with pytest.raises(MergeError, match=r"^corrupt checkpoint: numpy array record that is not an empty ndarray, "):
         open_source(path)
+    path.write_bytes(splice(raw[s:e], b"cnumpy\nndarray\n(J\x00\xca\x9a\x3bt\x810") + raw[e:])  # NEWOBJ
+    with pytest.raises(MergeError, match=r"^cannot read checkpoint \(UnpicklingError: NEWOBJ class argument"):
+        open_source(path)
     path.write_bytes(splice(raw[s:e], b"cbuiltins\nbytearray\n(J\x00\xca\x9a\x3btR0") + raw[e:])
     with pytest.raises(MergeError, match=r"^refusing to load: the pickle needs builtins\.bytearray, "):
         open_source(path)
