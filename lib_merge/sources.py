@@ -1,4 +1,4 @@
-"""Lazy readers for checkpoints: safetensors by header + ``pread``; .ckpt/.pt/.pth by a safe unpickler.
+"""Lazy readers for checkpoints: safetensors by header + ``pread``; .ckpt/.pt/.pth by our restricted reader.
 
 A source exposes ``infos`` (key -> :class:`TensorInfo`), ``metadata`` and ``read(key)``; nothing is read
 until asked, and safetensors tensors are read with one ``pread`` each (never a whole file in memory).
@@ -198,6 +198,6 @@ def open_source(path: str | os.PathLike) -> Source:
     if suffix == ".safetensors":
         return SafetensorsSource(p)
     if suffix in PICKLE_SUFFIXES:
-        from .safe_pickle import load_checkpoint
+        from .ckpt_reader import load_checkpoint
         return TensorDictSource(p, load_checkpoint(p))
     raise MergeError(f"unsupported model file type {suffix or '(none)'} (use .safetensors, .ckpt, .pt or .pth), {p}")

@@ -37,7 +37,8 @@ class ModelCheckpoint:
     """Stands for PyTorch Lightning's callback, pickled into real SD1 .ckpt files."""
 
 
-def test_ckpt_with_lightning_callback_loads(tmp_path, models):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_ckpt_with_lightning_callback_loads(tmp_path, models, zip_format):
     import sys
     import types
     name = "pytorch_lightning.callbacks.model_checkpoint"
@@ -50,7 +51,11 @@ def test_ckpt_with_lightning_callback_loads(tmp_path, models):
     try:
         sd = load_safetensors(models["sd15_a"])
         ckpt = tmp_path / "real_style.ckpt"
-        torch.save({"state_dict": sd, "callbacks": {"cb": ModelCheckpoint()}, "epoch": 3}, ckpt)
+        import numpy as np
+        torch.save({"state_dict": sd, "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)},
+                                                    "cb": ModelCheckpoint()},
+                    "epoch": 3, "global_step": np.int64(470000), "lr": np.float32(1e-4), "hparams": {1, 2},
+                    "pytorch-lightning_version": "1.4.2"}, ckpt, _use_new_zipfile_serialization=zip_format)
     finally:
         for n in (name, *parents):
             del sys.modules[n]
@@ -152,10 +157,10 @@ def test_missing_model_and_unknown_suffix(tmp_path, models):
         open_source(p)
 
 
-def test_plain_pt_state_dict_loads_through_weights_only(tmp_path, models):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_plain_pt_state_dict_loads(tmp_path, models, zip_format):
     sd = load_safetensors(models["sd15_b"])
     pt = tmp_path / "plain.pt"
-    torch.save({"state_dict": sd}, pt)
+    torch.save({"state_dict": sd}, pt, _use_new_zipfile_serialization=zip_format)
     src = open_source(pt)
-    assert set(src.infos) == set(sd) and torch.equal(src.read("model.diffusion_model.out.2.bias"),
-                                                      sd["model.diffusion_model.out.2.bias"])
+    assert set(src.infos) == set(sd) and all(torch.equal(src.read(k), sd[k]) for k in sd)
