@@ -204,6 +204,10 @@ def test_api_test_restore_status_recipe(client, webui):
     ({"model_b": "synthB", "subtargets": ["attn3"]}, 422, "sub-target must be all, attn1, attn2 or ff, subtargets: 'attn3'"),
     ({"model_b": "synthB", "model_a": "synthC"}, 409, "model_a is not the loaded checkpoint; load it first"),
     ({"model_b": "synthB", "bogus": 1}, 422, "unknown field, bogus"),
+    ({"model_b": "synthB", "alpha": True}, 422, "alpha must be a number, alpha: True"),
+    ({"model_b": "synthB", "beta": [0.5]}, 422, "beta must be a number, beta: [0.5]"),
+    ({"model_b": "synthB", "supermerger_time_embed_out11": "no"}, 422,
+     "supermerger_time_embed_out11 must be true or false, supermerger_time_embed_out11: 'no'"),
 ])
 def test_api_validation(client, body, code, detail):
     r = client.post("/blockmerge/v1/test", json=body)
@@ -227,6 +231,11 @@ def test_api_save_and_merge_names(client, webui):
     assert all(torch.equal(live_saved[k], file_merged[k]) for k in live_saved)  # same recipe, same tensors
     r3 = client.post("/blockmerge/v1/merge", json={"model_a": "synthA", "model_b": "synthB", "output": "file-merge"})
     assert r3.status_code == 422 and "output exists" in r3.json()["detail"]
+    for route in ("merge", "save"):  # "no" must not mean yes
+        r = client.post(f"/blockmerge/v1/{route}", json={"model_a": "synthA", "model_b": "synthB", "output": "file-merge",
+                                                       "overwrite": "no"} if route == "merge" else
+                        {"output": "file-merge", "overwrite": "no"})
+        assert r.status_code == 422 and r.json()["detail"] == "overwrite must be true or false, overwrite: 'no'"
     r = client.post("/blockmerge/v1/test", data="not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"] == "the request body must be a JSON object"
 
@@ -276,3 +285,29 @@ def test_subtarget_axis_uses_the_engine_list_and_check(webui):
     with pytest.raises(MergeError) as e:
         opt.confirm(None, ["attn1", "attn3"])
     assert str(e.value) == "sub-target must be all, attn1, attn2 or ff, subtargets: 'attn3'"
+
+
+def test_api_supermerger_time_embed_switch(client, webui):
+    """The recipe switch reaches file merges through the API: time_embed takes OUT11's ratio, recorded."""
+    import json
+    from safetensors.torch import load_file
+    from lib_merge.arch import ARCHS
+    blocks = ARCHS["sd1"].blocks
+    vec = {blk: 0.5 for blk in blocks} | {"IN00": 0.2, "OUT11": 0.9}
+    body = {"model_a": "synthA", "model_b": "synthB", "weights": ",".join(str(vec[blk]) for blk in blocks),
+            "dtype": "fp32", "vae": "a"}
+    r1 = client.post("/blockmerge/v1/merge", json={**body, "output": "in00"})
+    r2 = client.post("/blockmerge/v1/merge", json={**body, "output": "out11", "supermerger_time_embed_out11": True})
+    assert r1.status_code == 200 and r2.status_code == 200, (r1.json(), r2.json())
+    a = load_file(webui["sd_models"].checkpoint_aliases["synthA"].filename)
+    b = load_file(webui["sd_models"].checkpoint_aliases["synthB"].filename)
+    m1, m2 = load_file(r1.json()["path"]), load_file(r2.json()["path"])
+    key = "model.diffusion_model.time_embed.0.weight"
+    for merged, block in ((m1, "IN00"), (m2, "OUT11")):
+        t = vec[block]
+        want = (1 - t) * a[key].float() + t * b[key].float()
+        assert torch.allclose(merged[key].float(), want, atol=1e-6), block
+    assert vec["IN00"] != vec["OUT11"] and not torch.equal(m1[key], m2[key])
+    from safetensors import safe_open
+    with safe_open(r2.json()["path"], "pt") as f:
+        assert json.loads(f.metadata()["blockmerge_recipe"])["supermerger_time_embed_out11"] is True

@@ -19,6 +19,7 @@ from .. import presets
 from ..arch import ARCHS
 from ..errors import MergeError, MergeInterrupted
 from . import host
+from .params import flag
 from .service import SERVICE, Conflict, Unsupported
 
 PREFIX = "/blockmerge/v1"
@@ -126,7 +127,7 @@ def save_route(body: dict) -> dict:
     unknown = sorted(set(body) - {"output", "overwrite", "dtype", "vae"})
     if unknown:
         raise MergeError(f"unknown field, {unknown[0]}")
-    return SERVICE.save(body.get("output"), bool(body.get("overwrite", False)), body.get("dtype"), body.get("vae"))
+    return SERVICE.save(body.get("output"), flag(body, "overwrite"), body.get("dtype"), body.get("vae"))
 
 
 def presets_route() -> dict:

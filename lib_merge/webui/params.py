@@ -11,21 +11,35 @@ from ..options import check_subtargets
 from ..recipe import Recipe
 
 FIELDS = {"model_a", "model_b", "model_c", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
-          "preset_beta", "elemental", "dtype", "vae", "subtargets", "output", "overwrite"}
+          "preset_beta", "elemental", "dtype", "vae", "subtargets", "supermerger_time_embed_out11", "output",
+          "overwrite"}
 
 
 def _num(params: dict, name: str, default: float) -> float:
+    """A number, typed as the recipe's fields are: ``true`` is not 1.0; a numeric string (a form field) is read."""
     v = params.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, str):
         try:
             v = float(v)
-        except (TypeError, ValueError):
+        except ValueError:
             raise MergeError(f"{name} must be a number, {name}: {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise MergeError(f"{name} must be a number, {name}: {v!r}")
     if not math.isfinite(v):
         raise MergeError(f"{name} must be a finite number, {name}: {v!r}")
     return float(v)
+
+
+def flag(params: dict, name: str, default: bool = False) -> bool:
+    """A yes/no field: JSON ``true``/``false`` only (``"no"`` must not mean yes)."""
+    v = params.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise MergeError(f"{name} must be true or false, {name}: {v!r}")
+    return v
 
 
 def _str(params: dict, name: str) -> str | None:
@@ -75,6 +89,7 @@ def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], 
     dtype = _str(params, "dtype") or "keep"
     recipe = Recipe(models=models, mode=mode_name, alpha=alpha, beta=beta, weights=_str(params, "weights"),
                     weights_beta=_str(params, "weights_beta"), preset=_str(params, "preset"),
-                    preset_beta=_str(params, "preset_beta"), elemental=elemental, dtype=dtype, vae=vae)
+                    preset_beta=_str(params, "preset_beta"), elemental=elemental, dtype=dtype, vae=vae,
+                    supermerger_time_embed_out11=flag(params, "supermerger_time_embed_out11"))
     recipe.validate()  # choices and the rules across fields (weights or preset), as for the CLI
     return recipe

@@ -23,7 +23,7 @@ from ..merge import merge_to_file
 from ..options import DEFAULT_SAVE_DTYPE
 from . import host
 from .names import output_path
-from .params import to_recipe
+from .params import flag, to_recipe
 from .target import WebUITarget
 
 
@@ -244,7 +244,8 @@ class Service:
         """``POST merge``: a file merge of any models (A defaults to nothing: it is required)."""
         p = dict(params)
         output = p.pop("output", None)
-        overwrite = p.pop("overwrite", False)
+        overwrite = flag(p, "overwrite")
+        p.pop("overwrite", None)
         if not p.get("model_a"):
             raise MergeError("model_a is required for a file merge, model_a")
         p.setdefault("vae", "merge")
