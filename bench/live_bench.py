@@ -100,7 +100,7 @@ def main() -> None:
     del session
     gc.collect()
     # floors: plain torch on the same data (A and B held in the files' fp16, as our caches hold them)
-    from lib_merge.sources import open_source
+    from lib_merge.io.sources import open_source
     with open_source(a) as sa, open_source(b) as sb:
         t = time.perf_counter()
         A16 = {k: sa.read(k) for k in params}

@@ -175,7 +175,7 @@ def main() -> int:
     if code == 200:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from lib_merge.live import fingerprint
-        from lib_merge.sources import open_source
+        from lib_merge.io.sources import open_source
         with open_source(r["path"]) as src:
             saved = {k: src.read(k) for k in src.infos if k.startswith(("model.diffusion_model.", "cond_stage_model."))
                      and src.infos[k].dtype.startswith("F")}

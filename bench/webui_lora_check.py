@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from webui_check import call, common_parser, endpoints, ensure_loaded  # noqa: E402
 
-from lib_merge.sources import open_source  # noqa: E402
+from lib_merge.io.sources import open_source  # noqa: E402
 
 
 def lora_name(key: str) -> str | None:

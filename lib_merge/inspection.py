@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .arch import block_of, detect, part_of
 from .errors import MergeError
-from .sources import open_source
+from .io.sources import open_source
 
 
 def summarize(path: str | Path) -> dict:

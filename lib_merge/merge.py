@@ -11,11 +11,11 @@ from typing import Callable
 from . import hashing
 from .errors import MergeError
 from .dtypes import is_float
-from .filesink import FileSink, check_device, data_bytes, prepare_output
+from .io.filesink import FileSink, check_device, data_bytes, prepare_output
 from .metadata import InputFile, build_metadata, file_name, output_stem
 from .plan import Plan, build_plan
 from .recipe import Recipe, as_recipe, check_path_text
-from .sources import Source, open_source
+from .io.sources import Source, open_source
 
 
 @dataclass

@@ -11,7 +11,7 @@ from .elemental import apply_rules, parse_rules
 from .errors import MergeError
 from .modes import Mode, get_mode
 from .recipe import Recipe
-from .sources import Source, TensorInfo
+from .io.sources import Source, TensorInfo
 from .weights import parse_weights_info
 
 SCHEDULE_BUFFERS = frozenset({

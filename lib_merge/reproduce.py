@@ -19,7 +19,7 @@ from .errors import MergeError
 from .merge import merge_to_file
 from .metadata import file_name, output_stem
 from .recipe import Recipe
-from .sources import open_source
+from .io.sources import open_source
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 ROLES = ("a", "b", "c", "vae")

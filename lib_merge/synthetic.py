@@ -148,7 +148,7 @@ def build_module(listing: Listing, keys: Iterable[str] | None = None, dtype: tor
 
 def load_into(module: torch.nn.Module, path: str | os.PathLike, rename: Callable[[str], str] | None = None) -> None:
     """Copy a checkpoint's tensors into the module's parameters (cast to their dtype), like a model load."""
-    from .sources import open_source
+    from .io.sources import open_source
     params = dict(module.named_parameters())
     with open_source(path) as src, torch.no_grad():
         for k in src.infos:

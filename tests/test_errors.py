@@ -200,7 +200,7 @@ def test_interrupt_during_the_write_leaves_nothing(models, tmp_path):
 
 SIGTERM_SELF = """
 import os, signal, sys
-from lib_merge import filesink
+from lib_merge.io import filesink
 from lib_merge.cli import main
 drain = filesink.FileSink._drain_one
 def drain_then_term(*a):
@@ -251,7 +251,7 @@ def test_stale_partial_file_of_a_killed_run_is_removed_and_reported(capsys, mode
 
 # -- internal errors ---------------------------------------------------------------------------------------
 def test_broken_invariant_is_an_internal_error_not_a_merge_error(models, tmp_path, monkeypatch):
-    from lib_merge import filesink
+    from lib_merge.io import filesink
     tasks = filesink._tasks
     monkeypatch.setattr(filesink, "_tasks", lambda *a: tasks(*a)[1:])  # a chunk goes missing
     assert not issubclass(InternalError, MergeError)
@@ -283,8 +283,8 @@ def test_error_after_a_half_drawn_progress_bar_starts_its_own_line(capsys, model
         return real_pwrite(fd, data, offset)
     monkeypatch.setattr(os, "pwrite", full)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # draw the bar as on a terminal
-    monkeypatch.setattr("lib_merge.filesink.CHUNK_ELEMS", 64)  # many small writes: the bar is drawn mid-file
-    monkeypatch.setattr("lib_merge.filesink.BUF_BYTES", 256)
+    monkeypatch.setattr("lib_merge.io.filesink.CHUNK_ELEMS", 64)  # many small writes: the bar is drawn mid-file
+    monkeypatch.setattr("lib_merge.io.filesink.BUF_BYTES", 256)
     out = tmp_path / "o.safetensors"
     assert main(["merge", *map(str, ab(models)), "-o", str(out)]) == 2
     err = capsys.readouterr().err

@@ -177,7 +177,7 @@ def test_mapping_a_tensor_while_the_copier_unmaps_the_file(models, monkeypatch, 
     before the use (``warnings.catch_warnings``, the same in both versions) until the copier has finished."""
     import warnings
     from lib_merge.live import TensorCache
-    from lib_merge.sources import open_source
+    from lib_merge.io.sources import open_source
     with open_source(models["sd15_b"]) as src:
         k1, k2 = list(src.infos)[:2]
     cache = TensorCache(models["sd15_b"], "cpu")

@@ -362,7 +362,7 @@ def test_reproduce_identical(models, out_dir, tmp_path):
 
 
 def load_meta(path):
-    from lib_merge.sources import open_source
+    from lib_merge.io.sources import open_source
     with open_source(path) as s:
         return s.metadata
 

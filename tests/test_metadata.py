@@ -78,7 +78,7 @@ def test_no_local_folder_in_metadata(models, tmp_path):
     r = cli("merge", first, models["sd15_b"], models["sd15_c"], "-o", out, "--mode", "add_difference",
             "--bake-vae", tmp_path / "my.vae.safetensors")
     assert r.returncode == 0, r.stderr
-    from lib_merge.sources import open_source
+    from lib_merge.io.sources import open_source
     with open_source(out) as s:
         meta = dict(s.metadata)
     text = all_text(meta)
@@ -110,7 +110,7 @@ def test_python_api_records_what_the_cli_records(models, tmp_path, monkeypatch):
     monkeypatch.chdir(models["sd15_a"].parent)
     res = merge_to_file(Recipe(models=[Path("sd15_a.safetensors"), Path("sd15_b.safetensors")], alpha=1,
                                preset="GRAD_V"), api_dir / "o.safetensors")
-    from lib_merge.sources import open_source
+    from lib_merge.io.sources import open_source
     with open_source(cli_dir / "o.safetensors") as s:
         assert dict(s.metadata) == res.metadata
     assert sha(cli_dir / "o.safetensors") == res.sha256

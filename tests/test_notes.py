@@ -12,7 +12,7 @@ from lib_merge.errors import MergeError
 from lib_merge.merge import merge_to_file, normalize_recipe
 from lib_merge.plan import build_plan
 from lib_merge.recipe import Recipe
-from lib_merge.sources import open_source
+from lib_merge.io.sources import open_source
 
 V25 = ",".join(["0.5"] * 25)
 V26 = ",".join(["0.5"] * 26)
@@ -238,7 +238,7 @@ def test_cli_notes_presets_and_switch(tmp_path, models, monkeypatch):
 
 def test_nan_check_reads_no_input_twice_when_all_is_finite(models, tmp_path):
     """The check runs on the chunks as they are written: a clean merge reads each input byte once."""
-    from lib_merge.sources import open_source as op
+    from lib_merge.io.sources import open_source as op
     res = merge_to_file(normalize_recipe(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])])),
                         tmp_path / "o.safetensors")
     with op(models["sd15_a"]) as a:

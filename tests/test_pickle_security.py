@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from lib_merge.cli import main as cli_main
 from lib_merge.errors import MergeError
 from lib_merge.inspection import summarize
-from lib_merge.sources import open_source
+from lib_merge.io.sources import open_source
 
 LEGACY_PICKLES = ("magic", "protocol", "sys_info", "main", "keys")  # the legacy format's pickles, in file order
 

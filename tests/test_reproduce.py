@@ -16,7 +16,7 @@ from lib_merge.errors import MergeError
 from lib_merge.merge import merge_to_file, normalize_recipe
 from lib_merge.recipe import Recipe
 from lib_merge.reproduce import reproduce
-from lib_merge.sources import open_source
+from lib_merge.io.sources import open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 

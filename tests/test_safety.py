@@ -8,7 +8,7 @@ import torch
 from lib_merge.errors import MergeError
 from lib_merge.merge import merge_to_file
 from lib_merge.recipe import Recipe
-from lib_merge.sources import open_source
+from lib_merge.io.sources import open_source
 
 
 class Evil:

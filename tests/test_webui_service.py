@@ -31,7 +31,7 @@ def live_fp(svc_or_model):
 
 def test_target_maps_hijacked_names_to_file_keys(webui):
     from lib_merge.webui.target import WebUITarget
-    from lib_merge.sources import open_source
+    from lib_merge.io.sources import open_source
     t = WebUITarget(webui["model"])
     keys = set(t.params())
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys

@@ -26,7 +26,7 @@ import torch
 from .. import pages
 from ..dtypes import ST_TO_TORCH
 from ..errors import MergeError
-from ..sources import Source, open_source
+from ..io.sources import Source, open_source
 from .policy import CachePolicy
 
 

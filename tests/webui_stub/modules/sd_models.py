@@ -77,7 +77,7 @@ def get_empty_cond(sd_model):
 
 def load_model(checkpoint_info=None, already_loaded_state_dict=None):
     from lib_merge import synthetic
-    from lib_merge.sources import open_source
+    from lib_merge.io.sources import open_source
     from modules import script_callbacks
     with open_source(checkpoint_info.filename) as src:
         listing = {k: (v.shape, v.dtype) for k, v in src.infos.items()}

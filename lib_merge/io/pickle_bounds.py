@@ -14,7 +14,7 @@ import io
 import pickletools
 from typing import BinaryIO
 
-from .errors import MergeError
+from ..errors import MergeError
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
 _FIRST_WINDOW = 1 << 16

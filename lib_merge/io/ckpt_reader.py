@@ -1,7 +1,7 @@
 """Read PyTorch checkpoints (``.ckpt``/``.pt``/``.pth``/``.bin``) ourselves, every pickle restricted.
 
 We parse torch's two file formats instead of calling ``torch.load`` so that no torch version can route a
-pickle around :class:`lib_merge.safe_pickle.RestrictedUnpickler` (see that module for why):
+pickle around :class:`lib_merge.io.safe_pickle.RestrictedUnpickler` (see that module for why):
 
 - zip (torch >= 1.6): ``<archive>/data.pkl`` holds the object; each storage it names by a persistent id
   ``('storage', type, key, location, numel)`` is the raw little-endian record ``<archive>/data/<key>``.
@@ -11,7 +11,7 @@ pickle around :class:`lib_merge.safe_pickle.RestrictedUnpickler` (see that modul
 - anything else (a plain pickle, torch's pre-1.0 tar format) is read as a legacy file, so it stops at the
   first pickle: a refused global, or "no magic number".
 
-Each pickle is bounded and sanity-checked by :mod:`lib_merge.pickle_bounds` before it is unpickled from memory.
+Each pickle is bounded and sanity-checked by :mod:`lib_merge.io.pickle_bounds` before it is unpickled from memory.
 Only the tensors of the state dict are built (after all pickles are read), so optimizer states and other
 training leftovers outside it are never read from disk; the ``location`` is ignored, everything is CPU.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import MergeError
+from ..errors import MergeError
 from .pickle_bounds import MAX_PICKLE_BYTES, pickle_length, take_pickle
 from .safe_pickle import (MAGIC_NUMBER, PROTOCOL_VERSION, StorageRef, StorageType, TensorRef,
                           restricted_loads)

@@ -14,8 +14,8 @@ from typing import Mapping
 
 import torch
 
-from .dtypes import ITEMSIZE, ST_TO_TORCH, TORCH_TO_ST
-from .errors import MergeError
+from ..dtypes import ITEMSIZE, ST_TO_TORCH, TORCH_TO_ST
+from ..errors import MergeError
 
 MAX_HEADER = 100 * 1024 * 1024
 

@@ -3,7 +3,7 @@
 Why not ``torch.load``: whatever ``pickle_module`` it is given, torch decides which of its functions it calls
 (``load`` for the legacy magic-number/protocol/sys-info/storage-key pickles and the tar format, ``Unpickler``
 for the main pickle), and that differs between torch versions; torch <= 2.5.1 also had a code-execution hole
-in ``weights_only=True`` itself (CVE-2025-32434). So :mod:`lib_merge.ckpt_reader` parses the checkpoint
+in ``weights_only=True`` itself (CVE-2025-32434). So :mod:`lib_merge.io.ckpt_reader` parses the checkpoint
 formats itself and feeds every pickle to :class:`RestrictedUnpickler`; torch only turns bytes into tensors.
 
 ``find_class`` is the allow-list: ``OrderedDict`` and a few plain builtin containers, torch dtypes/``Size``/
@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .errors import MergeError
+from ..errors import MergeError
 
 #: the Python object that the legacy format's first pickle holds
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -60,7 +60,7 @@ class StorageRef(NamedTuple):
 
 
 class TensorRef(NamedTuple):
-    """A tensor described by a pickle; :mod:`lib_merge.ckpt_reader` builds it once the storage bytes are read."""
+    """A tensor described by a pickle; :mod:`lib_merge.io.ckpt_reader` builds it once the storage bytes are read."""
     storage: StorageRef
     offset: int
     size: tuple
@@ -225,5 +225,5 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_loads(data: bytes, source: str, on_persistent: Callable[[Any], Any] | None = None) -> Any:
-    """Unpickle ``data`` (one pickle, already checked by :mod:`lib_merge.pickle_bounds`) through the allow-list."""
+    """Unpickle ``data`` (one pickle, already checked by :mod:`lib_merge.io.pickle_bounds`) through the allow-list."""
     return RestrictedUnpickler(io.BytesIO(data), source, on_persistent).load()

@@ -27,11 +27,11 @@ from typing import Callable
 
 import torch
 
-from .compute import merge_tensors
-from .dtypes import ITEMSIZE, ST_TO_TORCH
-from .errors import InternalError, MergeError, MergeInterrupted
-from .finite import InputReader, NonFinite
-from .plan import KeyPlan, Plan
+from ..compute import merge_tensors
+from ..dtypes import ITEMSIZE, ST_TO_TORCH
+from ..errors import InternalError, MergeError, MergeInterrupted
+from ..finite import InputReader, NonFinite
+from ..plan import KeyPlan, Plan
 from .sources import Source
 
 CHUNK_ELEMS = int(os.environ.get("BLOCKMERGE_CHUNK", 1 << 19))  # elements per chunk: small enough to stay in cache
