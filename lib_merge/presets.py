@@ -92,13 +92,18 @@ def _parse_line(line: str, where: str, expect: int | None) -> tuple[str, list[fl
     return name, [parse_number(t, f"preset {name}, {where}") for t in tokens]
 
 
-def _read_file(path: Path, source: str, expect: int | None, problems: list[str] | None = None) -> list[Preset]:
+def _read_text(path: Path) -> str:
+    """A presets file's text ("" when it does not exist: the user file is created on first save)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        return []
+        return ""
     except OSError as e:
         raise MergeError(f"cannot read presets file: {e.strerror}, {path}") from None
+
+
+def _read_file(path: Path, source: str, expect: int | None, problems: list[str] | None = None) -> list[Preset]:
+    text = _read_text(path)
     parsed = parse_preset_text(text, str(path), expect, problems)
     return [Preset(n, LENGTH_FAMILY[len(v)], tuple(v), source) for n, v in parsed]
 
@@ -199,12 +204,7 @@ def _user_lines() -> list[_Line]:
     """The user file line by line. Rewriting keeps every line it does not replace as written, malformed ones
     included, so saving a preset never deletes what the user wrote (the skipped line stays for them to fix)."""
     path = user_presets_path()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise MergeError(f"cannot read presets file: {e.strerror}, {path}") from None
+    text = _read_text(path)
     out = []
     for raw in text.splitlines():
         line = raw.strip()
