@@ -338,3 +338,45 @@ def test_status_snapshot_counts_merged_tensors(live, models):
     assert snap.bytes_read == session.bytes_read() and snap.bytes_read[str(models["sd15_b"].resolve())] > 0
     session.restore()
     assert session.snapshot().merged_tensors == 0 and not session.snapshot().merged
+
+
+def _rewrite(path, tmp_path):
+    """Change a model file on disk (new bytes, new mtime) as a user re-saving or replacing it would."""
+    import os
+    import shutil
+    import time
+    copy = tmp_path / ("changed-" + path.name)
+    shutil.copy(path, copy)
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
+    os.replace(copy, path)
+
+
+def test_a_changed_file_used_earlier_does_not_block_later_merges(live, models, tmp_path):
+    """B used once, restored, then replaced on disk: later test merges (another B, or the new file) work and
+    read the new bytes; only a file that the live merge was made from blocks, with what to do."""
+    import shutil
+    session, target, module = live
+    b2 = tmp_path / "b2.safetensors"
+    shutil.copy(models["sd15_c"], b2)
+    session.apply(Recipe(models=[str(models["sd15_a"]), str(b2)], alpha=0.5))
+    _rewrite(b2, tmp_path)
+    with pytest.raises(MergeError, match=r"changed on disk while the live merge was made from it; Restore first, "):
+        session.apply(recipe(models, alpha=0.3))
+    session.restore()
+    session.apply(recipe(models, alpha=0.3))  # another B: the stale cache of b2 is dropped, not in the way
+    shutil.copy(models["sd15_b"], b2)  # b2 now holds sd15_b's bytes
+    session.apply(Recipe(models=[str(models["sd15_a"]), str(b2)], alpha=0.3))
+    want = load(merge_to_file(recipe(models, alpha=0.3, dtype="fp32"), tmp_path / "want.safetensors").output)
+    params = dict(module.named_parameters())
+    assert all(torch.equal(params[k].detach(), want[k]) for k in session.keys)
+
+
+def test_a_source_that_failed_to_open_and_vanished_does_not_block(live, models, tmp_path):
+    session, target, module = live
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(MergeError, match="corrupt safetensors header"):
+        session.apply(Recipe(models=[str(models["sd15_a"]), str(bad)]))
+    bad.unlink()
+    rep = session.apply(recipe(models, alpha=0.5))
+    assert rep.written > 0

@@ -119,6 +119,24 @@ class LiveSession:
                     self.others[sid.path] = c
             return c
 
+    def _drop_stale_caches(self) -> None:
+        """Files changed or gone since they were cached. A's is an error (it is the restore source). Another
+        file's cache is dropped (a later merge that names the file reads it anew), unless the live merge was made
+        from it: an interrupted request rolls back to that merge from its caches, so Restore comes first."""
+        if not self.a.valid():
+            raise MergeError(f"model A's file changed on disk since it was loaded; reload the checkpoint, "
+                             f"{self.a.id.path}")
+        live = list(self._prev[1]) if self._prev is not None and self.merged_keys() else []
+        for path, c in list(self.others.items()):
+            if c.valid():
+                continue
+            if any(c is used for used in live):
+                raise MergeError(f"source file changed on disk while the live merge was made from it; "
+                                 f"Restore first, {c.id.path}")
+            with self._state:
+                del self.others[path]
+            c.close()
+
     def _caches(self) -> list[TensorCache]:
         with self._state:
             return [self.a, *self.others.values()]
@@ -253,9 +271,7 @@ class LiveSession:
                 raise MergeError(f"model A of a test merge must be the loaded checkpoint, {recipe.models[0]}")
             if recipe.swap_ab:  # it would make B the base, whose unmerged keys the live weights do not hold
                 raise MergeError("swap_ab is for file merges: a test merge's A is the loaded checkpoint, swap_ab")
-            for c in self._caches():
-                if not c.valid():
-                    raise MergeError(f"source file changed on disk since it was cached; reload, {c.id.path}")
+            self._drop_stale_caches()
             before = sum(self.bytes_read().values())
             caches = [self.a] + [self.cache_for(p) for p in recipe.models[1:]]
             plan = build_plan(recipe, [c.source() for c in caches])
