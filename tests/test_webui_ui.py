@@ -205,6 +205,21 @@ def test_beta_controls_only_in_modes_that_use_beta(tab):
     assert tab[c["editing"]] == "alpha"
 
 
+def test_alpha_greyed_out_where_it_does_nothing(tab):
+    """no_interpolation takes A only; block weights set every block unless a sub-target leaves keys to alpha."""
+    c = tab.c
+    for name, on, subs, want in (("no_interpolation", False, [], False), ("weighted_sum", False, [], True),
+                                 ("weighted_sum", True, [], False), ("weighted_sum", True, ["attn2"], True),
+                                 ("no_interpolation", True, ["attn2"], False)):
+        tab[c["use_blocks"]] = on
+        tab[c["subtargets"]] = subs
+        tab[c["mode"]] = name
+        tab.fire(c["mode"], "change")
+        assert tab.prop(c["alpha"], "interactive") is want, (name, on, subs)
+        tab.fire(c["use_blocks"], "change")
+        assert tab.prop(c["alpha"], "interactive") is want, (name, on, subs)
+
+
 @pytest.fixture
 def live_tab(stub, monkeypatch):
     from lib_merge.webui import service as service_mod, ui

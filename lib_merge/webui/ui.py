@@ -74,6 +74,14 @@ def beta_controls(mode: str) -> list[dict]:
     return [gr.update(interactive=uses), gr.update(interactive=uses), radio]
 
 
+def alpha_used(mode: str, use_blocks: bool, subtargets: list[str] | None) -> bool:
+    """Whether the alpha slider does anything: not in a one-model mode (no_interpolation), not while the block
+    sliders set every block, except with sub-targets (then the other keys get alpha)."""
+    subs = subtargets or []
+    partial = bool([s for s in subs if s != "all"]) and "all" not in subs
+    return MODES[mode].models > 1 and (not use_blocks or partial)
+
+
 def stale_preview(infotext: str | None, why: str) -> list[dict]:
     """After the live weights change (Restore, Test merge) the preview shows the previous ones: say so above the
     image and its infotext (kept, to compare); nothing to mark while no preview is shown."""
@@ -221,17 +229,17 @@ def create_tab():
         # -- wiring ----------------------------------------------------------------------------------------
         refresh.click(fn=lambda: [_checkpoint_update()] * 3, inputs=[], outputs=[model_a, model_b, model_c])
 
-        def on_mode(m):
-            return [f"`{MODES[m].formula}`"] + beta_controls(m)
+        def on_mode(m, on, subs):
+            return [f"`{MODES[m].formula}`"] + beta_controls(m) + [gr.update(interactive=alpha_used(m, on, subs))]
 
-        mode.change(fn=on_mode, inputs=[mode], outputs=[mode_info, beta, weights_beta, editing])
+        mode.change(fn=on_mode, inputs=[mode, use_blocks, subtargets],
+                    outputs=[mode_info, beta, weights_beta, editing, alpha])
 
-        def on_use_blocks(on, subs):
-            partial = bool(on) and bool([s for s in (subs or []) if s != "all"]) and "all" not in (subs or [])
-            return [gr.update(interactive=bool(on))] * 26 + [gr.update(interactive=(not on) or partial)]
+        def on_use_blocks(on, subs, m):
+            return [gr.update(interactive=bool(on))] * 26 + [gr.update(interactive=alpha_used(m, on, subs))]
 
-        use_blocks.change(fn=on_use_blocks, inputs=[use_blocks, subtargets], outputs=sliders + [alpha])
-        subtargets.change(fn=on_use_blocks, inputs=[use_blocks, subtargets], outputs=sliders + [alpha])
+        use_blocks.change(fn=on_use_blocks, inputs=[use_blocks, subtargets, mode], outputs=sliders + [alpha])
+        subtargets.change(fn=on_use_blocks, inputs=[use_blocks, subtargets, mode], outputs=sliders + [alpha])
 
         def on_layout(lay, wa, wb):
             arch = _arch(lay)
