@@ -209,3 +209,26 @@ def test_apply_rules_without_a_generator_is_an_error():
     with pytest.raises(MergeError, match=r"^random ratio R needs a seed"):
         apply_rules(rules, OUT05_ATTN2, "OUT05", 0.5)
     assert apply_rules(rules, OUT05_ATTN2, "OUT05", 0.5, draw=lambda i, rule, k, b: 0.125) == 0.125
+
+
+def test_live_merge_records_its_seed_and_a_file_merge_of_its_recipe_equals_it(models, sd15_listing, tmp_path):
+    """A test merge without a seed draws one; the session's recipe (what infotexts and Save read) carries it,
+    so the file merged from that recipe holds exactly the previewed numbers."""
+    from lib_merge import synthetic as S
+    from lib_merge.live import CachePolicy, LiveSession
+    from test_live import ModuleTarget
+    module = S.build_module(sd15_listing, dtype=torch.float32)
+    S.load_into(module, models["sd15_a"])
+    session = LiveSession(ModuleTarget(module), models["sd15_a"], cache=CachePolicy.CPU)
+    try:
+        rep = session.apply(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])],
+                                   weights=vec("R", "U", "0.5", "R"), elemental="OUT05:attn2:R"))
+        seed = session.recipe.seed
+        assert isinstance(seed, int) and f"random weights drawn with seed {seed}" in rep.notes
+        out = tmp_path / "saved.safetensors"
+        merge_to_file(Recipe(**{**session.recipe.__dict__, "dtype": "fp32"}), out)
+        saved = load(out)
+        for k, p in module.named_parameters():
+            assert torch.equal(saved[k], p.detach()), k
+    finally:
+        session.close()
