@@ -232,3 +232,21 @@ def test_live_merge_records_its_seed_and_a_file_merge_of_its_recipe_equals_it(mo
             assert torch.equal(saved[k], p.detach()), k
     finally:
         session.close()
+
+
+def test_beta_vector_without_base_draws_its_own_stream(models, out_dir):
+    """25 values leave BASE out (BASE = beta); the beta draws differ from alpha's of the same seed and block."""
+    res = merge_to_file(Recipe(models=[models["sd15_a"], models["sd15_b"], models["sd15_c"]], mode="triple_sum",
+                               alpha=0.2, beta=0.1, weights=vec("0.2", "R"), weights_beta=",".join(["R"] * 25),
+                               seed=8), out_dir / "o.safetensors")
+    v = res.plan.beta_vector
+    assert v[0] == 0.1 and v[1:] == [r(8, "beta", b) for b in SD1.blocks[1:]]
+    assert res.plan.alpha_vector[1] == r(8, "alpha", "IN00") != v[1]
+
+
+def test_cli_help_names_the_random_options():
+    from lib_merge.cli import build_parser
+    text = build_parser("blockmerge")._subparsers._group_actions[0].choices["merge"].format_help()
+    text = " ".join(text.split())  # help lines wrap at the terminal's width
+    for flag in ("--seed", "--random-lower", "--random-upper", "U = [-0.5,1.5]"):
+        assert flag in text
