@@ -35,12 +35,13 @@ MERGE_HELP = {
     "alpha": "ratio of B (default 0.5); with a full weight vector or a preset it has no effect",
     "beta": "ratio of C for triple_sum / sum_twice (default 0.25)",
     "weights": "block weights for alpha: 26 values BASE,IN00..IN11,M00,OUT00..OUT11 (SDXL 20), "
-               "or 25/19 without BASE (BASE = alpha), or a preset name",
+               "or 25/19 without BASE (BASE = alpha), or a preset name; a value may be random: R = [0,1], "
+               "U = [-0.5,1.5], X = [lower,upper] of --random-lower/--random-upper",
     "weights_beta": "block weights for beta (same forms as --weights)",
     "preset": "block-weight preset for alpha (see `presets list`)",
     "preset_beta": "block-weight preset for beta",
     "elemental": "elemental rules 'Blocks:Elements:Ratio', comma or newline separated, e.g. 'OUT03-OUT05:attn2:0.2'; "
-                 "NOT and ranges allowed; the last matching rule wins",
+                 "NOT and ranges allowed; the last matching rule wins; a ratio R, U (= [-1,1]) or X draws one per key",
     "dtype": f"output dtype: {choice_list(DTYPE_CHOICES)} (each tensor keeps A's dtype; default)",
     "vae": "VAE keys: merge (with the BASE ratio; default), a (copy A's) or b (copy B's)",
     "bake_vae": "replace the VAE with this file (with or without the first_stage_model. prefix)",
@@ -52,6 +53,9 @@ MERGE_HELP = {
     "copy_b_only": "copy keys that exist only in B into the output",
     "swap_ab": "swap A and B, each ratio r becoming 1 - r (weighted_sum, sigmoid, inv_sigmoid): lets B be the "
                "inpainting/pix2pix model, or the model whose unmerged keys are kept",
+    "seed": "seed of the random ratios R/U/X (default: one is drawn, printed and recorded in the output)",
+    "random_lower": "per-block lower bounds of X (same forms as --weights)",
+    "random_upper": "per-block upper bounds of X (same forms as --weights)",
     "supermerger_time_embed_out11": "give time_embed the OUT11 ratio as supermerger 2023-07..2025-11 did "
                                     "(SDXL: keep time_embed/label_emb from A), to reproduce its recipes exactly",
 }
@@ -79,6 +83,9 @@ def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help=MERGE_HELP["beta"])
     for name in ("weights", "weights_beta", "preset", "preset_beta", "elemental"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=MERGE_HELP[name])
+    p.add_argument("--seed", type=int, default=None, help=MERGE_HELP["seed"])
+    for name in ("random_lower", "random_upper"):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="VALUES", help=MERGE_HELP[name])
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default=None, help=MERGE_HELP["dtype"])
     p.add_argument("--vae", choices=list(VAE_CHOICES), default=None, help=MERGE_HELP["vae"])
     p.add_argument("--bake-vae", dest="bake_vae", default=None, metavar="FILE", help=MERGE_HELP["bake_vae"])

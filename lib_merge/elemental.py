@@ -2,14 +2,17 @@
 
 One rule per line or comma. ``Blocks`` is a space-separated list of block IDs or ranges (``IN00-IN05``),
 optionally led by ``NOT``; blank = every block. ``Elements`` is a space-separated list of substrings of the
-key, optionally led by ``NOT``; blank = every key. The last matching rule wins.
+key, optionally led by ``NOT``; blank = every key. The last matching rule wins. ``Ratio`` may be a random token
+(R, U, X: :mod:`lib_merge.dice`), drawn once per matching key.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from .arch import SD1_BLOCKS, ArchSpec
+from .dice import is_token
 from .errors import MergeError
 from .options import SUBTARGET_ELEMENTS, check_subtargets
 
@@ -20,8 +23,9 @@ class Rule:
     not_blocks: bool
     elements: tuple[str, ...] | None  # None = every key
     not_elements: bool
-    ratio: float
+    ratio: float  # 0.0 where a random token stands
     text: str
+    token: str | None = None  # "R" | "U" | "X": every matching key draws its own ratio (lib_merge.dice)
 
     def matches(self, key: str, block: str) -> bool:
         if self.blocks is not None and ((block in self.blocks) == self.not_blocks):
@@ -76,16 +80,17 @@ def parse_rule(text: str, arch: ArchSpec) -> Rule:
     if not_e and not etoks:
         raise MergeError(f"NOT with no elements, elemental rule {raw!r}")
     r = rfield.strip()
-    if r.upper() in ("R", "U", "X"):
-        raise MergeError(f"random ratios ({r}) are not supported yet, elemental rule {raw!r}")
+    blocks_or_none = frozenset(blocks) if blocks is not None else None
+    elements = tuple(etoks) if etoks else None
+    if is_token(r):
+        return Rule(blocks_or_none, not_b, elements, not_e, 0.0, raw, r)
     try:
         ratio = float(r)
     except ValueError:
-        raise MergeError(f"ratio {r!r} is not a number, elemental rule {raw!r}") from None
+        raise MergeError(f"ratio {r!r} is not a number (nor R, U, X), elemental rule {raw!r}") from None
     if not math.isfinite(ratio):
         raise MergeError(f"ratio {r!r} is not a finite number, elemental rule {raw!r}")
-    return Rule(frozenset(blocks) if blocks is not None else None, not_b,
-                tuple(etoks) if etoks else None, not_e, ratio, raw)
+    return Rule(blocks_or_none, not_b, elements, not_e, ratio, raw)
 
 
 def parse_rules(text: str | None, arch: ArchSpec) -> list[Rule]:
@@ -99,12 +104,23 @@ def parse_rules(text: str | None, arch: ArchSpec) -> list[Rule]:
     return rules
 
 
-def apply_rules(rules: list[Rule], key: str, block: str, ratio: float, hits: set[int] | None = None) -> float:
+Draw = Callable[[int, Rule, str, str], float]  # (rule index, rule, key, block) -> the drawn ratio
+
+
+def apply_rules(rules: list[Rule], key: str, block: str, ratio: float, hits: set[int] | None = None,
+                draw: Draw | None = None) -> float:
     """The ratio after the rules: the last matching rule wins. ``hits`` collects the indices of the rules
-    that matched (so the plan can say which rule matches no key: usually a typo in an element)."""
+    that matched (so the plan can say which rule matches no key: usually a typo in an element). A rule with a
+    random token asks ``draw`` for its ratio (the plan's :class:`lib_merge.dice.Dice`)."""
     for i, r in enumerate(rules):
         if r.matches(key, block):
-            ratio = r.ratio
+            if r.token is not None:
+                if draw is None:
+                    raise MergeError(f"random ratio {r.token} needs a seed (a merge draws one), "
+                                     f"elemental rule {r.text!r}")
+                ratio = draw(i, r, key, block)
+            else:
+                ratio = r.ratio
             if hits is not None:
                 hits.add(i)
     return ratio

@@ -115,6 +115,9 @@ def merge_to_file(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite
             inputs.append(_input("vae", vae_rec, bake, progress))
         if metadata is None:
             resolved = {"arch": plan.arch.name, "weights_alpha": plan.alpha_vector, "weights_beta": plan.beta_vector}
+            if plan.random is not None:  # the seed (drawn here when the recipe had none) and every drawn number
+                resolved["random"] = plan.random
+                recipe = replace(recipe, seed=plan.seed)
             det = plan.detected[0]
             metadata = build_metadata(recipe, inputs, output_name or output_stem(out), resolved,
                                       det.variant == "inpainting", det.variant == "pix2pix", writes_only_fp16(plan))

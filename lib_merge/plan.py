@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from . import presets
 from .arch import ArchSpec, Detected, FIRST_CONV, block_of, detect, legacy_keeps_a, part_of
 from .dtypes import OUTPUT_DTYPES, is_float
+from .dice import Dice, draw_seed, parse_bounds
 from .elemental import apply_rules, parse_rules
 from .errors import MergeError
 from .modes import Mode, get_mode
@@ -68,6 +69,8 @@ class Plan:
     report: Report
     mode: Mode
     order: tuple[int, ...] = (0, 1, 2)  # plan role i reads input order[i]: (1, 0) with --swap-ab
+    seed: int | None = None  # the seed random ratios were drawn with (the recipe's, or one drawn here)
+    random: dict | None = None  # the seed and every drawn number (Dice.record), for the metadata
 
     def by_key(self) -> dict[str, KeyPlan]:
         return {k.key: k for k in self.keys}
@@ -83,6 +86,7 @@ class VectorInfo:
     base_from_ratio: bool  # 25/19 values: BASE is the plain ratio
     notes: tuple[str, ...]
     from_preset: bool
+    tokens: dict[int, str] = field(default_factory=dict)  # full-vector index -> random token (R, U, X)
 
 
 def vector_for(weights: str | None, preset: str | None, arch: ArchSpec, base: float,
@@ -103,13 +107,13 @@ def vector_for(weights: str | None, preset: str | None, arch: ArchSpec, base: fl
                          f"(IN09-IN11 and OUT09-OUT11 dropped), {preset_what}")
         return VectorInfo(r.values, False, tuple(notes), True)
     if weights:
-        w = parse_weights_info(weights, arch, base, what)
+        w = parse_weights_info(weights, arch, base, what, random_ok=True)
         notes = []
         if w.converted_from:
             n_xl = 20 if w.converted_from == 26 else 19
             notes.append(f"{w.converted_from} values converted to SDXL's {n_xl} "
                          f"(IN09-IN11 and OUT09-OUT11 dropped), {what}")
-        return VectorInfo(w.values, w.base_from_ratio, tuple(notes), False)
+        return VectorInfo(w.values, w.base_from_ratio, tuple(notes), False, w.tokens)
     return None
 
 
@@ -212,9 +216,11 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
             report.notes.extend(v.notes)
     if (alpha_v and alpha_v.from_preset) or (beta_v and beta_v.from_preset):
         report.notes.extend(presets.user_problems())
-    alpha_vec = alpha_v.values if alpha_v else None
-    beta_vec = beta_v.values if beta_v else None
     rules = parse_rules(recipe.elemental, arch)
+    dice = _dice(recipe, arch, [alpha_v, beta_v], rules, report)
+    alpha_vec = _drawn(alpha_v, "alpha", dice)
+    beta_vec = _drawn(beta_v, "beta", dice)
+    draw = (lambda i, rule, key, block: dice.element(i, rule.text, rule.token, key, block)) if dice else None
     include = parse_parts(recipe.include, arch, "--include")
     exclude = parse_parts(recipe.exclude, arch, "--exclude")
     legacy = recipe.supermerger_time_embed_out11
@@ -245,7 +251,7 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
         part = part_of(key)
         hits: set[int] = set()
         alpha = alpha_vec[arch.blocks.index(block)] if alpha_vec is not None else recipe.alpha
-        alpha = apply_rules(rules, key, block, alpha, hits)
+        alpha = apply_rules(rules, key, block, alpha, hits, draw)
         use.rule_hits |= hits
         alpha_plain = not hits and (alpha_vec is None or (alpha_v.base_from_ratio and block == "BASE"))
         beta = beta_vec[arch.blocks.index(block)] if beta_vec is not None else recipe.beta
@@ -320,7 +326,33 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
     report.notes.extend(_ratio_notes(recipe, mode, rules, use, alpha_v, beta_v))
     if legacy:
         report.notes.append(_legacy_note(arch))
-    return Plan(arch, detected, keys, alpha_vec, beta_vec, report, mode, order)
+    if (dice is None or not dice.x_used) and (recipe.random_lower or recipe.random_upper):
+        report.notes.append("--random-lower/--random-upper have no effect: no X token drew from them")
+    return Plan(arch, detected, keys, alpha_vec, beta_vec, report, mode, order,
+                dice.seed if dice else None, dice.record() if dice else None)
+
+
+def _dice(recipe: Recipe, arch: ArchSpec, vectors: list[VectorInfo | None], rules: list,
+          report: Report) -> Dice | None:
+    """The random-ratio generator when a vector or a rule holds R/U/X (``None`` otherwise): the recipe's seed,
+    or a fresh one, said in a note (the merge records it, so the result can be re-run)."""
+    lower = parse_bounds(recipe.random_lower, arch, "--random-lower")
+    upper = parse_bounds(recipe.random_upper, arch, "--random-upper")
+    if not any(v is not None and v.tokens for v in vectors) and not any(r.token for r in rules):
+        return None
+    seed = recipe.seed if recipe.seed is not None else draw_seed()
+    report.notes.append(f"random weights drawn with seed {seed}")
+    return Dice(seed, tuple(arch.blocks), lower, upper)
+
+
+def _drawn(v: VectorInfo | None, vector: str, dice: Dice | None) -> list[float] | None:
+    """The block vector with its random tokens drawn (in block order)."""
+    if v is None:
+        return None
+    values = list(v.values)
+    for i, token in sorted(v.tokens.items()):
+        values[i] = dice.block(vector, token, i)
+    return values
 
 
 def _count_ratios(use: _Usage, mode: Mode, key: str, block: str, alpha: float, beta: float) -> None:

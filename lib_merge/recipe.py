@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .dice import check_seed, is_token
 from .errors import MergeError
 from .modes import get_mode
 from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
 
 RECIPE_VERSION = 1
+OMITTED_WHEN_UNSET = ("seed", "random_lower", "random_upper")
 MAX_RECIPE_FILE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
 
 
@@ -43,6 +45,9 @@ class Recipe:
     copy_b_only: bool = False
     swap_ab: bool = False
     supermerger_time_embed_out11: bool = False  # SD1/SD2 time_embed takes OUT11's ratio (supermerger 2023-07..2025-11)
+    seed: int | None = None  # for random ratios (R/U/X); a merge that needs one and has none draws and records one
+    random_lower: str | None = None  # per-block lower bounds of X (same forms as weights)
+    random_upper: str | None = None  # per-block upper bounds of X
 
     def validate(self) -> None:
         m = get_mode(self.mode)
@@ -61,9 +66,15 @@ class Recipe:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise MergeError(f"{name} must be a finite number, {v!r}")
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form. Random-ratio fields left unset are left out, so recipes (and the metadata of files)
+        without random ratios read exactly as before they existed."""
         d = asdict(self)
+        for name in OMITTED_WHEN_UNSET:
+            if d[name] is None:
+                del d[name]
         d["version"] = RECIPE_VERSION
         return d
 
@@ -161,6 +172,11 @@ def _is_number(x: Any) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float))
 
 
+def _is_weight(x: Any) -> bool:
+    """A block-weight list item: a number or a random token (R, U, X)."""
+    return _is_number(x) or (isinstance(x, str) and is_token(x))
+
+
 def _integer(key: str, v: Any, origin: str) -> int:
     if type(v) is not int:
         raise MergeError(f"{key} must be a whole number (got {_got(v)}), {origin}")
@@ -212,8 +228,10 @@ def check_path_text(path: str, which: str) -> None:
 _BY_FIELD: dict[str, Callable[[str, Any, str], Any]] = {
     "models": _paths,
     "bake_vae": _optional(_path),
-    "weights": _joined(",", _is_number, "numbers"),
-    "weights_beta": _joined(",", _is_number, "numbers"),
+    "weights": _joined(",", _is_weight, "numbers or R/U/X"),
+    "weights_beta": _joined(",", _is_weight, "numbers or R/U/X"),
+    "random_lower": _joined(",", _is_number, "numbers"),
+    "random_upper": _joined(",", _is_number, "numbers"),
     "include": _joined(",", lambda x: isinstance(x, str), "strings"),
     "exclude": _joined(",", lambda x: isinstance(x, str), "strings"),
     "elemental": _joined("\n", lambda x: isinstance(x, str), "strings"),

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .arch import SD1_BLOCKS, SDXL_BLOCKS, ArchSpec
+from .dice import is_token
 from .errors import MergeError
 
 # Indices of the SD1 26-value vector kept for SDXL (BASE, IN00-IN08, M00, OUT00-OUT08), as supermerger.
@@ -62,27 +63,32 @@ def full_vector(values: list[float], arch: ArchSpec, base: float, what: str = "w
 
 @dataclass(frozen=True)
 class ParsedWeights:
-    values: list[float]  # full vector, BASE first
+    values: list[float]  # full vector, BASE first (0.0 where a random token stands)
     base_from_ratio: bool  # 25/19 values: BASE took the plain ratio (alpha or beta)
     converted_from: int | None  # 26 or 25 when an SD1 vector was converted to SDXL's 20
+    tokens: dict[int, str] = field(default_factory=dict)  # full-vector index -> "R" | "U" | "X" (random_ok)
 
 
-def parse_weights_info(text: str, arch: ArchSpec, base: float, what: str = "--weights") -> ParsedWeights:
-    """Parse a weight string and say how its length was read (for the plan's notes)."""
+def parse_weights_info(text: str, arch: ArchSpec, base: float, what: str = "--weights",
+                       random_ok: bool = False) -> ParsedWeights:
+    """Parse a weight string and say how its length was read (for the plan's notes). With ``random_ok`` a value
+    may be a random token (R, U, X: :mod:`lib_merge.dice`), returned in ``tokens`` for the plan to draw."""
     if ";" in text:
         raise MergeError(f"weights are separated by commas, not ';', {what}")
     tokens = split_values(text)
     if not tokens or tokens == [""]:
         raise MergeError(f"empty weight string, {what}")
-    values = []
+    values: list[float | str] = []
     for i, t in enumerate(tokens):
         if t == "":
             raise MergeError(f"empty value at position {i + 1}, {what}")
-        values.append(parse_number(t, f"{what} value {i + 1}"))
+        values.append(t if random_ok and is_token(t) else parse_number(t, f"{what} value {i + 1}" + (" (a number, R, U or X)" if random_ok else "")))
     n = len(values)
     full = full_vector(values, arch, base, what)
     converted = n if arch.name == "sdxl" and n in (26, 25) else None
-    return ParsedWeights(full, n in (len(arch.blocks) - 1, 25), converted)
+    drawn = {i: v for i, v in enumerate(full) if isinstance(v, str)}
+    numbers = [0.0 if isinstance(v, str) else v for v in full]
+    return ParsedWeights(numbers, n in (len(arch.blocks) - 1, 25), converted, drawn)
 
 
 def parse_weights(text: str, arch: ArchSpec, base: float, what: str = "--weights") -> list[float]:

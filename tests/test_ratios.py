@@ -172,7 +172,7 @@ def test_elemental_sdxl_names():
     ("IN10:attn:0.5", XL, "block IN10 does not exist on SDXL"),
     ("OUT04:attn:abc", SD1, "ratio 'abc' is not a number"),
     ("OUT04:attn:inf", SD1, "ratio 'inf' is not a finite number"),
-    ("OUT04:attn:R", SD1, "random ratios"),
+    ("OUT04:attn:Q", SD1, r"ratio 'Q' is not a number \(nor R, U, X\), elemental rule 'OUT04:attn:Q'"),
     ("OUT05-IN02:attn:0.5", SD1, r"reversed block range 'OUT05-IN02' \(write IN02-OUT05\), elemental rule "
                                  r"'OUT05-IN02:attn:0.5'"),
 ])

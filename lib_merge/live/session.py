@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol
 
 import torch
@@ -318,6 +318,8 @@ class LiveSession:
             finally:
                 self.target.written([k for k, _ in done])
             with self._state:
+                if plan.random is not None:  # the seed random ratios were drawn with, so the recipe re-runs
+                    recipe = replace(recipe, seed=plan.seed)
                 self.recipe, self.plan, self._prev = recipe, plan, (plan, used)
             self._materialize_later()
             report.written = len(done)
