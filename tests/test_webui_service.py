@@ -107,6 +107,27 @@ def test_save_after_test_merge_writes_what_was_previewed(webui):
     assert torch.equal(saved[vk], a[vk].float())
 
 
+def test_save_of_random_weights_writes_the_previewed_draw(webui):
+    """R/U/X drawn with no seed: the test merge draws one and Save uses it (never a second, different draw)."""
+    import json
+    from lib_merge.webui.target import WebUITarget
+    from safetensors.torch import load_file
+    svc, model = webui["svc"], webui["model"]
+    res = svc.test_merge({"model_b": "synthB", "weights": ",".join(["R"] * 26)})
+    seed = svc.session.recipe.seed
+    assert seed is not None and res["recipe"]["seed"] == seed
+    live = {k: v.detach().clone() for k, v in WebUITarget(model).params().items()}
+    saved_res = svc.save("random_fp32", dtype="fp32")
+    saved = load_file(saved_res["path"])
+    assert saved_res["recipe"]["seed"] == seed
+    assert all(torch.equal(saved[k], v) for k, v in live.items())
+    # a seed given in the request is used as given
+    svc.test_merge({"model_b": "synthB", "weights": ",".join(["R"] * 26), "seed": 1234})
+    assert svc.session.recipe.seed == 1234
+    with pytest.raises(Exception, match="seed must be a whole number, seed: 'x'"):
+        svc.test_merge({"model_b": "synthB", "weights": ",".join(["R"] * 26), "seed": "x"})
+
+
 def test_save_name_validation_and_protection(webui):
     from lib_merge.errors import MergeError
     svc = webui["svc"]

@@ -11,8 +11,8 @@ from ..options import check_subtargets
 from ..recipe import Recipe
 
 FIELDS = {"model_a", "model_b", "model_c", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
-          "preset_beta", "elemental", "dtype", "vae", "subtargets", "supermerger_time_embed_out11", "output",
-          "overwrite"}
+          "preset_beta", "elemental", "dtype", "vae", "subtargets", "supermerger_time_embed_out11", "seed",
+          "output", "overwrite"}
 
 
 def _num(params: dict, name: str, default: float) -> float:
@@ -30,6 +30,16 @@ def _num(params: dict, name: str, default: float) -> float:
     if not math.isfinite(v):
         raise MergeError(f"{name} must be a finite number, {name}: {v!r}")
     return float(v)
+
+
+def _whole(params: dict, name: str) -> int | None:
+    """A whole number or nothing (``true`` is not 1)."""
+    v = params.get(name)
+    if v is None:
+        return None
+    if type(v) is not int:
+        raise MergeError(f"{name} must be a whole number, {name}: {v!r}")
+    return v
 
 
 def flag(params: dict, name: str, default: bool = False) -> bool:
@@ -90,6 +100,7 @@ def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], 
     recipe = Recipe(models=models, mode=mode_name, alpha=alpha, beta=beta, weights=_str(params, "weights"),
                     weights_beta=_str(params, "weights_beta"), preset=_str(params, "preset"),
                     preset_beta=_str(params, "preset_beta"), elemental=elemental, dtype=dtype, vae=vae,
-                    supermerger_time_embed_out11=flag(params, "supermerger_time_embed_out11"))
+                    supermerger_time_embed_out11=flag(params, "supermerger_time_embed_out11"),
+                    seed=_whole(params, "seed"))
     recipe.validate()  # choices and the rules across fields (weights or preset), as for the CLI
     return recipe

@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,9 @@ class Service:
         model = host.loaded_model()
         loaded_path = model.sd_checkpoint_info.filename if model is not None and getattr(model, "sd_checkpoint_info", None) else None
         recipe = to_recipe(p, self.resolve_model, loaded_path)
+        live = self.session.recipe if params is None and self.session is not None else None
+        if live is not None and recipe.seed is None and live.seed is not None:
+            recipe = replace(recipe, seed=live.seed)  # random ratios: the numbers that were previewed
         out = output_path(output, host.models_dir())
         protected = [os.path.realpath(m) for m in recipe.models] + ([os.path.realpath(loaded_path)] if loaded_path else [])
         if os.path.realpath(out) in protected:
