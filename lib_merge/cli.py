@@ -16,7 +16,7 @@ from dataclasses import fields
 from typing import Iterator
 
 from .errors import MergeError
-from .modes import MODES
+from .methods.modes import MODES
 from .options import DTYPE_CHOICES, VAE_CHOICES, choice_list
 
 EPILOG = """examples:

@@ -9,7 +9,7 @@ from .arch import ArchSpec, Detected, FIRST_CONV, block_of, detect, legacy_keeps
 from .dtypes import OUTPUT_DTYPES, is_float
 from .elemental import apply_rules, parse_rules
 from .errors import MergeError
-from .modes import Mode, get_mode
+from .methods.modes import Mode, get_mode
 from .recipe import Recipe
 from .io.sources import Source, TensorInfo
 from .weights import parse_weights_info

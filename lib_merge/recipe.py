@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import MergeError
-from .modes import get_mode
+from .methods.modes import get_mode
 from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
 
 RECIPE_VERSION = 1

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from lib_merge.modes import MODES
+from lib_merge.methods.modes import MODES
 
 from conftest import f32, load
 from lib_merge import presets
@@ -12,7 +12,7 @@ from lib_merge.arch import ARCHS, block_of
 from lib_merge.elemental import apply_rules, parse_rules
 from lib_merge.errors import MergeError
 from lib_merge.merge import merge_to_file, normalize_recipe
-from lib_merge.modes import inv_sigmoid_ratio, sigmoid_ratio
+from lib_merge.methods.modes import inv_sigmoid_ratio, sigmoid_ratio
 from lib_merge.plan import is_never_merged
 from lib_merge.recipe import Recipe
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..compute import merge_tensors
+from ..methods.compute import merge_tensors
 from ..dtypes import ITEMSIZE, ST_TO_TORCH
 from ..errors import InternalError, MergeError, MergeInterrupted
 from ..finite import InputReader, NonFinite

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from ..compute import merge_tensors
+from ..methods.compute import merge_tensors
 from ..dtypes import ST_TO_TORCH
 from ..errors import MergeError, MergeInterrupted
 from ..plan import KeyPlan, Plan, build_plan

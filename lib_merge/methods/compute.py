@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .plan import KeyPlan
+from ..plan import KeyPlan
 from .modes import Mode
 
 
