@@ -44,7 +44,7 @@ class LiveTarget(Protocol):
         """After every write: clear host caches that depend on these weights."""
 
 
-Signature = tuple  # (mode, source ids, alpha, beta, channels) or ORIGINAL
+Signature = tuple  # Formula.signature (what the key's value depends on) or ORIGINAL
 ORIGINAL: Signature = ("original",)
 
 
@@ -252,10 +252,9 @@ class LiveSession:
 
     @staticmethod
     def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple) -> Signature:
-        if kp is None or kp.action != "merge" or plan.mode.is_identity(kp.alpha, kp.beta):
+        if kp is None or kp.action != "merge" or plan.formula.is_identity(kp.alpha, kp.beta):
             return ORIGINAL  # the live weight already holds A: nothing to write, nothing to cache
-        beta = kp.beta if plan.mode.uses_beta else None
-        return (plan.mode.name, ids[: plan.mode.models], kp.alpha, beta, kp.channels)
+        return plan.formula.signature(kp, ids)
 
     # -- requests -------------------------------------------------------------------------------------
     def apply(self, recipe: Recipe, cancel: Callable[[], bool] | None = None,
@@ -292,7 +291,7 @@ class LiveSession:
             a_infos = self.a.source().infos
             todo.sort(key=lambda t: a_infos[t[1]].start)  # file order: sequential reads, contiguous releases
             self.target.prepare([k for _, k, _ in todo])
-            mode = plan.mode
+            mode = plan.formula
             used = caches[: mode.models]
             done: list[tuple[str, Signature]] = []
             try:
@@ -393,7 +392,7 @@ class LiveSession:
                 self._write(params[key], None, key, ORIGINAL, None, [])
             else:
                 plan, caches = self._prev
-                self._write(params[key], by_key[key], key, prev, plan.mode, caches)
+                self._write(params[key], by_key[key], key, prev, plan.formula, caches)
 
     def restore(self) -> int:
         """Original weights back (copy from A's cache). Returns how many tensors were written."""
