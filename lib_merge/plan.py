@@ -303,11 +303,10 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
                 bad = next(s for s in others if s.infos[key].shape != info.shape)
                 raise MergeError(f"shape differs: {list(bad.infos[key].shape)} vs A's {list(info.shape)} "
                                  f"(use --force to keep A's), {bad.path} key {key}")
-        if mode.check_ratio:
-            for r in (alpha,) + ((beta,) if formula.uses_beta else ()):
-                problem = mode.check_ratio(r)
-                if problem:
-                    raise MergeError(f"{mode.name}: {problem}, block {block} key {key}")
+        for r in (alpha,) + ((beta,) if formula.uses_beta else ()):
+            problem = formula.ratio_problem(r)
+            if problem:
+                raise MergeError(f"{formula.name}: {problem}, block {block} key {key}")
         _count_ratios(use, mode, key, block, ratio, beta)
         use.alpha_used |= alpha_plain
         use.beta_used |= beta_plain and formula.uses_beta

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import MergeError
-from .methods import bind, get_mode
+from .methods import bind, get_method, get_mode
 from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
 
 RECIPE_VERSION = 2  # 2: method and params; version 1 (neither) still loads, as method linear
@@ -62,6 +62,8 @@ class Recipe:
         check_exclusive(vars(self))
         if self.swap_ab and self.mode not in ("weighted_sum", "sigmoid", "inv_sigmoid"):
             raise MergeError(f"--swap-ab works with weighted_sum, sigmoid and inv_sigmoid only, not {self.mode}")
+        if self.swap_ab and not get_method(self.method).swaps:
+            raise MergeError(f"--swap-ab works with the linear and slerp methods only, not {self.method}")
         for name in ("alpha", "beta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

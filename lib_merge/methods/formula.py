@@ -40,6 +40,14 @@ class Formula:
         """May be computed chunk by chunk (else both sinks compute the whole tensor)."""
         return self.mode.elementwise and self.method.elementwise
 
+    def ratio_problem(self, ratio: float) -> str | None:
+        """Why a key's ratio (alpha, or beta where the formula reads it) is refused, else None."""
+        for check in (self.mode.check_ratio, self.method.check_ratio):
+            problem = check(ratio) if check is not None else None
+            if problem:
+                return problem
+        return None
+
     def is_identity(self, alpha: float, beta: float) -> bool:
         """The result is A itself for these ratios: a live merge need not touch (or cache) the key."""
         if self.mode.models == 1:

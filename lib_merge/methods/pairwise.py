@@ -14,13 +14,17 @@ SLERP_LINEAR_BELOW = 1e-6  # sin ω below this: A and B (anti)parallel, interpol
 TRAIN_DIFFERENCE_GAIN = 1.8  # supermerger's fixed gain
 
 
+def _unit(ratio: float) -> str | None:
+    return None if 0.0 <= ratio <= 1.0 else f"ratio {ratio} is outside [0, 1]"
+
+
 def _alpha_zero(alpha: float, beta: float) -> bool:
     return alpha == 0.0
 
 
 @method("slerp", "sin((1-t)ω)/sin ω · A + sin(tω)/sin ω · B, ω the angle between flattened A and B, t = alpha "
         "(linear when sin ω < 1e-6, a norm is 0, or the tensor has one element)", ("weighted_sum",),
-        elementwise=False, keeps_a=_alpha_zero)
+        elementwise=False, keeps_a=_alpha_zero, swaps=True)
 def slerp(a, b, c, alpha, beta, params, key, seed):
     t = alpha
     if t == 0.0:
@@ -75,7 +79,7 @@ def tensor_swap(a, b, c, alpha, beta, params, key, seed):
 
 @method("extract", "A + lerp(B - A, C - A, alpha) · lerp(d, 1 - d, beta), d = ((cos + 1) / 2)^gamma, cos the cosine "
         "of B - A and C - A along the last dim (alpha: 0 = B, 1 = C; beta: 0 similar, 1 dissimilar features)",
-        ("add_difference",), elementwise=False, uses_beta=True,
+        ("add_difference",), elementwise=False, uses_beta=True, check_ratio=_unit,
         params=(Param("gamma", float, 1.0, "selectivity: high counts only very similar features as similar", 0.0),))
 def extract(a, b, c, alpha, beta, params, key, seed):
     da, db = b.sub_(a), c.sub_(a)

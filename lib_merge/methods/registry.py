@@ -31,6 +31,8 @@ class Method:
     params: tuple[Param, ...] = ()
     keeps_a: Callable[[float, float], bool] | None = None  # True exactly where fn returns A untouched
     seeded: bool = False  # draws random numbers from the recipe's seed
+    check_ratio: Callable[[float], Optional[str]] | None = None  # why a ratio is refused (alpha, beta if used)
+    swaps: bool = False  # result(B, A, 1 - t) == result(A, B, t): --swap-ab keeps its meaning
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -55,10 +57,12 @@ METHODS: dict[str, Method] = {}
 
 def method(name: str, formula: str, modes: tuple[str, ...] | None, elementwise: bool = True,
            uses_beta: bool = False, params: tuple[Param, ...] = (),
-           keeps_a: Callable[[float, float], bool] | None = None, seeded: bool = False):
+           keeps_a: Callable[[float, float], bool] | None = None, seeded: bool = False,
+           check_ratio: Callable[[float], Optional[str]] | None = None, swaps: bool = False):
     """Register a method under ``name``."""
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, formula, modes, fn, elementwise, uses_beta, params, keeps_a, seeded)
+        METHODS[name] = Method(name, formula, modes, fn, elementwise, uses_beta, params, keeps_a, seeded,
+                               check_ratio, swaps)
         return fn
     return deco
 
@@ -70,4 +74,4 @@ def get_method(name: str) -> Method:
     return m
 
 
-METHODS["linear"] = Method("linear", "the mode's own formula", None, None)
+METHODS["linear"] = Method("linear", "the mode's own formula", None, None, swaps=True)
