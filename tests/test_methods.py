@@ -100,6 +100,24 @@ def test_tensor_swap_rows_from_b_and_back():
     assert torch.equal(run("weighted_sum", "tensor_swap", T(1.0), T(2.0), alpha=1.0, beta=0.0), T(1.0))
 
 
+def test_tensor_swap_dim1_slices_columns_with_the_documented_bounds():
+    a, b = torch.zeros(4, 10), torch.ones(4, 10)
+    got = run("weighted_sum", "tensor_swap_dim1", a, b, alpha=0.5, beta=0.25)  # n = 4 (dim 1 <= 100): cols [1, 3)
+    assert got[0].tolist() == [0, 1, 1, 0, 0, 0, 0, 0, 0, 0] and torch.equal(got[0], got[3])
+    a, b = torch.zeros(2, 200), torch.ones(2, 200)
+    got = run("weighted_sum", "tensor_swap_dim1", a, b, alpha=0.5, beta=0.25)  # n = 200: cols [50, 150)
+    assert got[1].tolist() == [0.0] * 50 + [1.0] * 100 + [0.0] * 50
+    got = run("weighted_sum", "tensor_swap_dim1", torch.zeros(8), torch.ones(8), alpha=0.5, beta=0.25)  # 1-dim: dim 0
+    assert got.tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+
+
+def test_self_scale_scales_a_except_spared_keys():
+    a, b = T([2.0, -4.0]), T([9.0, 9.0])
+    assert torch.equal(run("weighted_sum", "self_scale", a, b, alpha=0.25), T([0.5, -1.0]))
+    assert torch.equal(run("weighted_sum", "self_scale", a, b, alpha=0.0), a)
+    assert torch.equal(run("weighted_sum", "self_scale", a, b, alpha=0.25, key="x.norm.weight"), a)
+
+
 def test_extract_formula_with_gamma():
     a, b, c = T([[1.0, 1.0]]), T([[2.0, 1.0]]), T([[1.0, 2.0]])
     # B - A = [1, 0], C - A = [0, 1]: cos 0, d = 0.5^gamma
@@ -168,6 +186,8 @@ def test_recipe_v2_fields_and_v1_still_loads():
 CASES = [
     ("slerp", dict(mode="weighted_sum", alpha=0.3, preset="GRAD_V")),
     ("tensor_swap", dict(mode="weighted_sum", alpha=0.4, beta=0.3)),
+    ("tensor_swap_dim1", dict(mode="weighted_sum", alpha=0.7, beta=0.6)),
+    ("self_scale", dict(mode="weighted_sum", alpha=0.9)),
     ("add_noise", dict(mode="weighted_sum", alpha=0.01, seed=123)),
     ("train_difference", dict(mode="add_difference", alpha=0.7)),
     ("extract", dict(mode="add_difference", alpha=0.3, beta=0.6, params={"gamma": 2.0})),

@@ -1,4 +1,4 @@
-"""The two-model methods: SLERP, tensor swap and add noise (weighted_sum); train difference and extract
+"""The two-model methods: SLERP, tensor swap (dim 0 or 1), self scale and add noise (weighted_sum); train difference and extract
 (add_difference). Formulas: supermerger's calculation modes (``docs/merge-conventions.md`` §1.3); SLERP as
 issue 12 states it."""
 from __future__ import annotations
@@ -67,14 +67,28 @@ def swap_rows(n: int, alpha: float, beta: float) -> tuple[bool, int, int]:
         "with rows [⌊n·(alpha+beta-1)⌋, ⌊n·beta⌋) from A (0-dim tensors stay A)", ("weighted_sum",),
         elementwise=False, uses_beta=True, keeps_a=lambda alpha, beta: alpha == 0.0 and alpha + beta <= 1.0)
 def tensor_swap(a, b, c, alpha, beta, params, key, seed):
+    return _swap(a, b, alpha, beta, dim=0, n=a.shape[0] if a.dim() else 0)
+
+
+def _swap(a, b, alpha: float, beta: float, dim: int, n: int):
+    """Slices [lo, hi) along ``dim`` from the other model (bounds from ``n``, clipped to the size along ``dim``)."""
     if a.dim() == 0:
         return a
-    from_b, lo, hi = swap_rows(a.shape[0], alpha, beta)
-    if from_b:
-        b[lo:hi] = a[lo:hi]
-        return b
-    a[lo:hi] = b[lo:hi]
-    return a
+    from_b, lo, hi = swap_rows(n, alpha, beta)
+    dst, src = (b, a) if from_b else (a, b)
+    hi = min(hi, dst.shape[dim])
+    if lo < hi:
+        dst.narrow(dim, lo, hi - lo).copy_(src.narrow(dim, lo, hi - lo))
+    return dst
+
+
+@method("tensor_swap_dim1", "as tensor_swap, but slices along dim 1 of tensors with 2 or more dims; the bounds use "
+        "dim 1's size when it is over 100, else dim 0's", ("weighted_sum",), elementwise=False, uses_beta=True,
+        keeps_a=lambda alpha, beta: alpha == 0.0 and alpha + beta <= 1.0)
+def tensor_swap_dim1(a, b, c, alpha, beta, params, key, seed):
+    if a.dim() < 2:
+        return _swap(a, b, alpha, beta, dim=0, n=a.shape[0] if a.dim() else 0)
+    return _swap(a, b, alpha, beta, dim=1, n=a.shape[1] if a.shape[1] > 100 else a.shape[0])
 
 
 @method("extract", "A + lerp(B - A, C - A, alpha) · lerp(d, 1 - d, beta), d = ((cos + 1) / 2)^gamma, cos the cosine "
@@ -90,7 +104,15 @@ def extract(a, b, c, alpha, beta, params, key, seed):
     return a.add_(rows(da).lerp_(rows(db), alpha).mul_(weight).reshape(a.shape))
 
 
-NOISE_SPARED = ("to_out", "proj_out", "norm")  # supermerger leaves these keys alone
+NOISE_SPARED = ("to_out", "proj_out", "norm")  # supermerger leaves these keys alone (add_noise, self_scale)
+
+
+@method("self_scale", "alpha · A (keys containing to_out, proj_out or norm stay A; alpha 0 leaves A)",
+        ("weighted_sum",), keeps_a=lambda alpha, beta: alpha in (0.0, 1.0))
+def self_scale(a, b, c, alpha, beta, params, key, seed):
+    if alpha in (0.0, 1.0) or any(s in key for s in NOISE_SPARED):
+        return a
+    return a.mul_(alpha)
 
 
 @method("add_noise", "A + alpha · N(0, 1), one draw per key from the recipe's seed (keys containing to_out, proj_out "
