@@ -1,4 +1,4 @@
-"""Command line: ``blockmerge`` (or ``python -m lib_merge``) ``merge|inspect|presets|reproduce|demo``.
+"""Command line: ``blockmerge`` (or ``python -m lib_merge``) ``merge|inspect|presets|methods|reproduce|demo``.
 
 Every fault a user can cause ends as one line ``error: <what>, <which>`` and exit code 2 (``--debug`` shows the
 traceback); Ctrl-C and SIGTERM end as one line too (exit 130 / 143), after the partial output is removed.
@@ -16,7 +16,7 @@ from dataclasses import fields
 from typing import Iterator
 
 from .errors import MergeError
-from .modes import MODES
+from .methods import METHODS, MODES, get_method
 from .options import DTYPE_CHOICES, VAE_CHOICES, choice_list
 
 EPILOG = """examples:
@@ -25,6 +25,8 @@ EPILOG = """examples:
   {prog} merge A.safetensors B.safetensors -o out.safetensors --preset GRAD_V --dtype fp16
   {prog} merge A.safetensors B.safetensors C.safetensors -o out.safetensors --mode add_difference --alpha 1
   {prog} merge A.safetensors B.safetensors -o out.safetensors --elemental "OUT03-OUT05:attn2:0.2"
+  {prog} merge A.safetensors B.safetensors -o out.safetensors --method slerp --alpha 0.3
+  {prog} methods
   {prog} merge --recipe recipe.yaml -o out.safetensors --weights GRAD_A
   {prog} inspect out.safetensors
   {prog} reproduce out.safetensors
@@ -32,6 +34,9 @@ EPILOG = """examples:
 
 MERGE_HELP = {
     "mode": "how the models combine (default weighted_sum): " + "; ".join(f"{m.name}: {m.formula}" for m in MODES.values()),
+    "method": "how two tensors combine inside the mode (default linear: the mode's formula): "
+              + ", ".join(METHODS) + "; see `methods`",
+    "param": "set a declared parameter of the method, NAME=VALUE (repeatable; see `methods`)",
     "alpha": "ratio of B (default 0.5); with a full weight vector or a preset it has no effect",
     "beta": "ratio of C for triple_sum / sum_twice (default 0.25)",
     "weights": "block weights for alpha: 26 values BASE,IN00..IN11,M00,OUT00..OUT11 (SDXL 20), "
@@ -53,7 +58,8 @@ MERGE_HELP = {
     "copy_b_only": "copy keys that exist only in B into the output",
     "swap_ab": "swap A and B, each ratio r becoming 1 - r (weighted_sum, sigmoid, inv_sigmoid): lets B be the "
                "inpainting/pix2pix model, or the model whose unmerged keys are kept",
-    "seed": "seed of the random ratios R/U/X (default: one is drawn, printed and recorded in the output)",
+    "seed": "seed of every random draw, recorded in the recipe: R/U/X ratios (default: one is drawn, printed and "
+            "recorded) and add_noise (per key; needs a seed)",
     "random_lower": "per-block lower bounds of X (same forms as --weights)",
     "random_upper": "per-block upper bounds of X (same forms as --weights)",
     "supermerger_time_embed_out11": "give time_embed the OUT11 ratio as supermerger 2023-07..2025-11 did "
@@ -79,11 +85,14 @@ def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL", help="A [B [C]] (.safetensors, or .ckpt/.pt through a safe loader)")
     p.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
     p.add_argument("--mode", choices=list(MODES), default=None, help=MERGE_HELP["mode"])
+    p.add_argument("--method", choices=list(METHODS), default=None, help=MERGE_HELP["method"])
+    p.add_argument("-p", "--param", dest="param_items", action="append", default=None, metavar="NAME=VALUE",
+                   help=MERGE_HELP["param"])
+    p.add_argument("--seed", type=int, default=None, help=MERGE_HELP["seed"])
     p.add_argument("--alpha", type=float, default=None, help=MERGE_HELP["alpha"])
     p.add_argument("--beta", type=float, default=None, help=MERGE_HELP["beta"])
     for name in ("weights", "weights_beta", "preset", "preset_beta", "elemental"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=MERGE_HELP[name])
-    p.add_argument("--seed", type=int, default=None, help=MERGE_HELP["seed"])
     for name in ("random_lower", "random_upper"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="VALUES", help=MERGE_HELP[name])
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default=None, help=MERGE_HELP["dtype"])
@@ -132,6 +141,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ps = psub.add_parser("show", help="show a preset's values", parents=[common])
     ps.add_argument("name")
     ps.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
+    sub.add_parser("methods", help="every mode and method: formula, models, allowed pairings, parameters",
+                   parents=[common])
     r = sub.add_parser("reproduce", help="re-run the recipe stored in a merged file and check the bytes are identical",
                        parents=[common])
     r.add_argument("file")
@@ -185,7 +196,26 @@ def merge_recipe(args):
             raise MergeError(f"empty {f.name.replace('_', ' ')}, --{f.name.replace('_', '-')}")
         if v is not None:
             changes[f.name] = v
+    if args.param_items:
+        method = get_method(changes.get("method", base.method))
+        given = dict(base.params) if method.name == base.method else {}
+        changes["params"] = {**given, **parse_params(method, args.param_items)}
     return with_overrides(base, changes)
+
+
+def parse_params(method, items: list[str]) -> dict:
+    """``-p NAME=VALUE`` options, each parsed by the method's declaration of NAME."""
+    out = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise MergeError(f"-p takes NAME=VALUE, -p {item!r}")
+        decl = method.param(name)
+        if decl is None:
+            method.check_params({name: None})  # raises: unknown parameter, naming the method's own
+        out[name] = decl.parse_text(text, f"method {method.name}, -p {item}")
+    return out
 
 
 def cmd_merge(args) -> int:
@@ -239,6 +269,31 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def methods_text() -> str:
+    """The ``methods`` listing, generated from the mode and method declarations."""
+    lines = ["modes (--mode; the formula across models):"]
+    for m in MODES.values():
+        takes = ["A", "A B", "A B C"][m.models - 1]
+        beta = ", uses beta" if m.uses_beta else ""
+        lines.append(f"  {m.name:<18} {m.formula}  [models: {takes}{beta}]")
+    lines.append("methods (--method; how two tensors combine inside a mode; -p NAME=VALUE sets a parameter):")
+    for meth in METHODS.values():
+        modes = "every mode" if meth.modes is None else ", ".join(meth.modes)
+        extra = "".join([", whole tensors" if not meth.elementwise else "", ", uses beta" if meth.uses_beta else "",
+                         ", seeded" if meth.seeded else ""])
+        lines.append(f"  {meth.name:<18} {meth.formula}  [with: {modes}{extra}]")
+        for p in meth.params:
+            lines.append(f"      -p {p.describe()}")
+        if not meth.params:
+            lines.append("      (no parameters)")
+    return "\n".join(lines)
+
+
+def cmd_methods(args) -> int:
+    print(methods_text())
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
     ok, new, detail = reproduce(args.file, args.output, args.search, args.overwrite, args.threads,
@@ -253,7 +308,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "presets": cmd_presets, "reproduce": cmd_reproduce,
+COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "presets": cmd_presets, "methods": cmd_methods,
+            "reproduce": cmd_reproduce,
             "demo": cmd_demo}
 
 

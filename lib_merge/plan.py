@@ -10,7 +10,7 @@ from .dtypes import OUTPUT_DTYPES, is_float
 from .dice import Dice, draw_seed, parse_bounds
 from .elemental import apply_rules, parse_rules
 from .errors import MergeError
-from .modes import Mode, get_mode
+from .methods import Formula, Mode, bind, get_mode
 from .recipe import Recipe
 from .io.sources import Source, TensorInfo
 from .weights import parse_weights_info
@@ -36,11 +36,13 @@ class KeyPlan:
     key: str
     action: str  # "merge" | "copy_a" | "copy_b" | "bake_vae"
     block: str
-    alpha: float
-    beta: float
-    out_dtype: str
-    shape: tuple[int, ...]
-    channels: int | None = None  # merge only the first N input channels (inpainting/pix2pix first conv)
+    # fields marked "value" are what the merged value depends on (the live re-merge signature reads them)
+    alpha: float = field(metadata={"value": True})
+    beta: float = field(metadata={"value": True})
+    out_dtype: str = field()
+    shape: tuple[int, ...] = field()
+    # merge only the first N input channels (inpainting/pix2pix first conv)
+    channels: int | None = field(default=None, metadata={"value": True})
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Plan:
     beta_vector: list[float] | None
     report: Report
     mode: Mode
+    formula: Formula  # the mode bound to the recipe's method and parameters: what the sinks compute
     order: tuple[int, ...] = (0, 1, 2)  # plan role i reads input order[i]: (1, 0) with --swap-ab
     seed: int | None = None  # the seed random ratios were drawn with (the recipe's, or one drawn here)
     random: dict | None = None  # the seed and every drawn number (Dice.record), for the metadata
@@ -193,6 +196,7 @@ class _Usage:
 def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = None) -> Plan:
     recipe.validate()
     mode = get_mode(recipe.mode)
+    formula = bind(recipe.mode, recipe.method, recipe.params, recipe.seed)
     given = [detect(s.shapes(), str(s.path)) for s in sources]
     report = Report()
     for s, d in zip(sources[1:], given[1:]):
@@ -305,14 +309,13 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
                 bad = next(s for s in others if s.infos[key].shape != info.shape)
                 raise MergeError(f"shape differs: {list(bad.infos[key].shape)} vs A's {list(info.shape)} "
                                  f"(use --force to keep A's), {bad.path} key {key}")
-        if mode.check_ratio:
-            for r in (alpha,) + ((beta,) if mode.uses_beta else ()):
-                problem = mode.check_ratio(r)
-                if problem:
-                    raise MergeError(f"{mode.name}: {problem}, block {block} key {key}")
+        for r in (alpha,) + ((beta,) if formula.uses_beta else ()):
+            problem = formula.ratio_problem(r)
+            if problem:
+                raise MergeError(f"{formula.name}: {problem}, block {block} key {key}")
         _count_ratios(use, mode, key, block, ratio, beta)
         use.alpha_used |= alpha_plain
-        use.beta_used |= beta_plain and mode.uses_beta
+        use.beta_used |= beta_plain and formula.uses_beta
         plan("merge", channels=channels)
 
     if recipe.copy_b_only and b_only:
@@ -323,12 +326,12 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
     if (include is not None or exclude is not None) and mode.models > 1 and not use.merged:
         parts = " ".join(f"--{n} {v!r}" for n, v in (("include", recipe.include), ("exclude", recipe.exclude)) if v)
         raise MergeError(f"--include/--exclude leave nothing to merge (every key would be A's), {parts}")
-    report.notes.extend(_ratio_notes(recipe, mode, rules, use, alpha_v, beta_v))
+    report.notes.extend(_ratio_notes(recipe, formula, rules, use, alpha_v, beta_v))
     if legacy:
         report.notes.append(_legacy_note(arch))
     if (dice is None or not dice.x_used) and (recipe.random_lower or recipe.random_upper):
         report.notes.append("--random-lower/--random-upper have no effect: no X token drew from them")
-    return Plan(arch, detected, keys, alpha_vec, beta_vec, report, mode, order,
+    return Plan(arch, detected, keys, alpha_vec, beta_vec, report, mode, formula, order,
                 dice.seed if dice else None, dice.record() if dice else None)
 
 
@@ -363,7 +366,7 @@ def _count_ratios(use: _Usage, mode: Mode, key: str, block: str, alpha: float, b
         use.over_one.append(f"block {block} key {key}, alpha {alpha:g} + beta {beta:g}")
 
 
-def _ratio_notes(recipe: Recipe, mode: Mode, rules: list, use: _Usage,
+def _ratio_notes(recipe: Recipe, mode: Formula, rules: list, use: _Usage,
                  alpha_v: VectorInfo | None, beta_v: VectorInfo | None) -> list[str]:
     """Notes about ratios that do not do what the user may think (never errors)."""
     notes = []

@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 from .dice import check_seed, is_token
 from .errors import MergeError
-from .modes import get_mode
+from .methods import bind, get_method, get_mode
 from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: method and params; version 1 (neither) still loads, as method linear
+READABLE_VERSIONS = (1, 2)
 OMITTED_WHEN_UNSET = ("seed", "random_lower", "random_upper")
 MAX_RECIPE_FILE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
 
@@ -45,12 +46,16 @@ class Recipe:
     copy_b_only: bool = False
     swap_ab: bool = False
     supermerger_time_embed_out11: bool = False  # SD1/SD2 time_embed takes OUT11's ratio (supermerger 2023-07..2025-11)
-    seed: int | None = None  # for random ratios (R/U/X); a merge that needs one and has none draws and records one
+    method: str = "linear"  # how two tensors combine inside the mode (lib_merge.methods)
+    params: dict[str, Any] = field(default_factory=dict)  # the method's declared parameters, by name
+    seed: int | None = None  # seeds every random draw (add_noise; R/U/X ratios: a merge that needs one and has
+    # none draws and records one)
     random_lower: str | None = None  # per-block lower bounds of X (same forms as weights)
     random_upper: str | None = None  # per-block upper bounds of X
 
     def validate(self) -> None:
         m = get_mode(self.mode)
+        bind(self.mode, self.method, self.params, self.seed)  # the method pairs with the mode, params are declared ones
         if len(self.models) != m.models:
             names = "A" if m.models == 1 else "A B" if m.models == 2 else "A B C"
             raise MergeError(f"mode {self.mode} takes {m.models} model{'s' if m.models > 1 else ''} ({names}), "
@@ -62,6 +67,8 @@ class Recipe:
         check_exclusive(vars(self))
         if self.swap_ab and self.mode not in ("weighted_sum", "sigmoid", "inv_sigmoid"):
             raise MergeError(f"--swap-ab works with weighted_sum, sigmoid and inv_sigmoid only, not {self.mode}")
+        if self.swap_ab and not get_method(self.method).swaps:
+            raise MergeError(f"--swap-ab works with the linear and slerp methods only, not {self.method}")
         for name in ("alpha", "beta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -84,7 +91,7 @@ class Recipe:
         if not isinstance(data, Mapping):
             raise MergeError(f"recipe must be an object (a mapping of field names), got {_kind(data)}, {origin}")
         version = data.get("version", RECIPE_VERSION)
-        if type(version) is not int or version != RECIPE_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise MergeError(f"unsupported recipe version {version!r}, {origin}")
         known = {f.name: f for f in fields(cls)}
         unknown = [k for k in data if k not in known and k not in ("version", "resolved", "inputs")]
@@ -183,6 +190,21 @@ def _integer(key: str, v: Any, origin: str) -> int:
     return v
 
 
+def _params(key: str, v: Any, origin: str) -> dict[str, Any]:
+    """``params``: a mapping of parameter names to numbers or true/false; the method's declaration checks the
+    names, types and ranges (``Recipe.validate``), since only then is the method known."""
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise MergeError(f"{key} must be an object of parameter names and values (got {_got(v)}), {origin}")
+    for name, value in v.items():
+        if not isinstance(name, str):
+            raise MergeError(f"{key} names must be strings (got {_got(name)}), {origin}")
+        if not isinstance(value, (bool, int, float)):
+            raise MergeError(f"{key} {name} must be a number or true/false (got {_got(value)}), {origin}")
+    return dict(v)
+
+
 def _as_is(key: str, v: Any, origin: str) -> Any:
     return v
 
@@ -235,6 +257,7 @@ _BY_FIELD: dict[str, Callable[[str, Any, str], Any]] = {
     "include": _joined(",", lambda x: isinstance(x, str), "strings"),
     "exclude": _joined(",", lambda x: isinstance(x, str), "strings"),
     "elemental": _joined("\n", lambda x: isinstance(x, str), "strings"),
+    "params": _params,
 }
 _BY_TYPE: dict[str, Callable[[str, Any, str], Any]] = {"float": _number, "int": _integer, "bool": _flag, "str": _text}
 

@@ -18,7 +18,7 @@ from . import hashing
 from .errors import MergeError
 from .merge import merge_to_file
 from .metadata import file_name, output_stem
-from .recipe import Recipe
+from .recipe import RECIPE_VERSION, Recipe
 from .io.sources import open_source
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -156,6 +156,8 @@ def reproduce(file: str, output: str | None = None, search: list[str] | None = N
     inputs = _recorded_inputs(data, src_path)
     wanted = _wanted(recipe, inputs)
     legacy = is_legacy_layout(wanted, inputs)
+    # an older layout or recipe version cannot be rebuilt byte for byte in today's metadata: keep it as it is
+    keep_metadata = legacy or data.get("version", RECIPE_VERSION) < RECIPE_VERSION
     if not legacy and (missing := [w.label for w in wanted if not w.sha256]):
         raise MergeError(f"blockmerge_recipe records no sha256 for input {missing[0]}, {src_path}")
     new = Path(output) if output else src_path.with_name(output_stem(src_path) + ".reproduced.safetensors")
@@ -163,10 +165,10 @@ def reproduce(file: str, output: str | None = None, search: list[str] | None = N
     out_dir = str(src_path.resolve().parent)
     locate = {w.role: locate_input(w, list(search or []), out_dir, skip, progress) for w in wanted}
     res = merge_to_file(recipe, new, overwrite=overwrite, threads=threads, locate=locate, output_name=custom_name,
-                        progress=progress, metadata=meta if legacy else None)
+                        progress=progress, metadata=meta if keep_metadata else None)
     stage = f"hashing {src_path.name}"
     original = hashing.sha256_file(src_path, (lambda d, t: progress(stage, d, t)) if progress else None)
-    note = " (metadata of an older BlockMerge layout kept as it was)" if legacy else ""
+    note = " (metadata of an older BlockMerge layout kept as it was)" if keep_metadata else ""
     if res.sha256 == original:
         return True, new, f"identical: {new} has sha256 {res.sha256} like {src_path}{note}"
     return False, new, f"DIFFERENT: {new} has sha256 {res.sha256}, {src_path} has {original}{note}"

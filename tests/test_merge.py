@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from lib_merge.modes import MODES
+from lib_merge.methods.modes import MODES
 
 from conftest import f32, load
 from lib_merge import presets
@@ -12,9 +12,9 @@ from lib_merge.arch import ARCHS, block_of
 from lib_merge.elemental import apply_rules, parse_rules
 from lib_merge.errors import MergeError
 from lib_merge.merge import merge_to_file, normalize_recipe
-from lib_merge.modes import inv_sigmoid_ratio, sigmoid_ratio
+from lib_merge.methods.modes import inv_sigmoid_ratio, sigmoid_ratio
 from lib_merge.plan import is_never_merged
-from lib_merge.recipe import Recipe
+from lib_merge.recipe import RECIPE_VERSION, Recipe
 
 SD1, XL = ARCHS["sd1"], ARCHS["sdxl"]
 POS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -335,7 +335,7 @@ def test_metadata_and_lineage(models, out_dir):
     assert hashing.sha256_file(models["sd15_a"]) in lineage and hashing.sha256_file(first) in lineage
     assert lineage[hashing.sha256_file(first)]["sd_merge_recipe"]["multiplier"] == 0.25
     ours = json.loads(meta["blockmerge_recipe"])
-    assert ours["version"] == 1 and ours["preset"] == "GRAD_V"
+    assert ours["version"] == RECIPE_VERSION and ours["preset"] == "GRAD_V"
     assert ours["resolved"]["weights_alpha"] == presets.resolve("GRAD_V", SD1)
     import hashlib
     assert res.sha256 == hashlib.sha256(open(second, "rb").read()).hexdigest()

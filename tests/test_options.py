@@ -98,7 +98,7 @@ def test_subtargets_one_check():
 
 
 def test_mode_one_check():
-    from lib_merge.modes import get_mode
+    from lib_merge.methods.modes import get_mode
     with pytest.raises(MergeError) as e:
         get_mode("blend")
     with pytest.raises(MergeError) as e2:

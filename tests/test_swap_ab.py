@@ -8,7 +8,7 @@ import torch
 from conftest import f32, load
 from lib_merge.errors import MergeError
 from lib_merge.merge import merge_to_file, normalize_recipe
-from lib_merge.modes import inv_sigmoid_ratio, sigmoid_ratio
+from lib_merge.methods.modes import inv_sigmoid_ratio, sigmoid_ratio
 from lib_merge.plan import is_never_merged
 from lib_merge.recipe import Recipe
 from lib_merge.reproduce import reproduce

@@ -109,7 +109,6 @@ def test_save_after_test_merge_writes_what_was_previewed(webui):
 
 def test_save_of_random_weights_writes_the_previewed_draw(webui):
     """R/U/X drawn with no seed: the test merge draws one and Save uses it (never a second, different draw)."""
-    import json
     from lib_merge.webui.target import WebUITarget
     from safetensors.torch import load_file
     svc, model = webui["svc"], webui["model"]

@@ -187,7 +187,7 @@ def test_sliders_show_rounded_values_and_the_text_keeps_full_precision(tab):
 
 
 def test_beta_controls_only_in_modes_that_use_beta(tab):
-    from lib_merge.modes import MODES
+    from lib_merge.methods.modes import MODES
     c = tab.c
     assert c["beta"].interactive is False and c["weights_beta"].interactive is False  # weighted_sum at start
     assert {m for m, mode in MODES.items() if mode.uses_beta} == {"triple_sum", "sum_twice"}

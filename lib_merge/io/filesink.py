@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..compute import merge_tensors
+from ..methods.compute import merge_tensors
 from ..dtypes import ITEMSIZE, ST_TO_TORCH
 from ..errors import InternalError, MergeError, MergeInterrupted
 from ..finite import InputReader, NonFinite
@@ -185,7 +185,7 @@ class _Task:
     offset: int  # absolute output offset of this chunk
     elem_start: int
     elem_count: int
-    whole: bool  # compute the whole tensor (non-elementwise modes, partial channels)
+    whole: bool  # compute the whole tensor (non-elementwise modes or methods, partial channels)
 
 
 class _Pool:
@@ -216,7 +216,7 @@ def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[
         item = ITEMSIZE[kp.out_dtype]
         numel = (end - start) // item
         chunk = min(CHUNK_ELEMS, BUF_BYTES // max(item, in_items(kp)))
-        whole = kp.action in ("merge",) and (kp.channels is not None or not plan.mode.elementwise)
+        whole = kp.action in ("merge",) and (kp.channels is not None or not plan.formula.elementwise)
         if whole or numel <= chunk:
             tasks.append(_Task(kp, start, 0, numel, whole))
             continue
@@ -275,7 +275,7 @@ class FileSink:
         nbytes = task.elem_count * ITEMSIZE[kp.out_dtype]
         if task.whole:
             tensors = [s.read(kp.key) for s in self.sources[: self.plan.mode.models]]
-            res = merge_tensors(self.plan.mode, kp, tensors, device=self.device)
+            res = merge_tensors(self.plan.formula, kp, tensors, device=self.device)
             return res.to(device="cpu", dtype=out_t).reshape(-1).view(torch.uint8)
         if kp.action != "merge":
             src, key = self._src_for(kp)
@@ -290,11 +290,11 @@ class FileSink:
         tensors = [s.read_bytes_into(kp.key, scratch.raw[i], task.elem_start, task.elem_count)
                    for i, s in enumerate(srcs)]
         if self.device.type == "cpu":
-            res = merge_tensors(self.plan.mode, kp, tensors, scratch.f32)
+            res = merge_tensors(self.plan.formula, kp, tensors, scratch.f32)
             view = out[:nbytes].view(out_t)
             view.copy_(res.reshape(-1))
         else:
-            res = merge_tensors(self.plan.mode, kp, [t.to(self.device, non_blocking=False) for t in tensors],
+            res = merge_tensors(self.plan.formula, kp, [t.to(self.device, non_blocking=False) for t in tensors],
                                 device=self.device)
             view = out[:nbytes].view(out_t)
             view.copy_(res.reshape(-1).to(dtype=out_t).cpu())

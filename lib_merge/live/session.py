@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from ..compute import merge_tensors
+from ..methods.compute import merge_tensors
 from ..dtypes import ST_TO_TORCH
 from ..errors import MergeError, MergeInterrupted
 from ..plan import KeyPlan, Plan, build_plan
@@ -44,7 +44,7 @@ class LiveTarget(Protocol):
         """After every write: clear host caches that depend on these weights."""
 
 
-Signature = tuple  # (mode, source ids, alpha, beta, channels) or ORIGINAL
+Signature = tuple  # Formula.signature (what the key's value depends on) or ORIGINAL
 ORIGINAL: Signature = ("original",)
 
 
@@ -202,7 +202,7 @@ class LiveSession:
         else:
             self.a.get(key)
 
-    def _write(self, param: torch.Tensor, kp: KeyPlan | None, key: str, sig: Signature, mode,
+    def _write(self, param: torch.Tensor, kp: KeyPlan | None, key: str, sig: Signature, formula,
                caches: list[TensorCache]) -> None:
         """Put into ``param`` the value ``sig`` stands for (computed in fp32, cast once by ``copy_``).
 
@@ -215,7 +215,7 @@ class LiveSession:
             flat = param.view(-1)
             n = flat.numel()
             scratch = self._scratch(param.device)
-            whole = sig != ORIGINAL and (kp.channels is not None or not mode.elementwise)
+            whole = sig != ORIGINAL and (kp.channels is not None or not formula.elementwise)
             if whole or (sig == ORIGINAL and not check):
                 if check:
                     for s0 in range(0, n, CHUNK):
@@ -224,7 +224,7 @@ class LiveSession:
                 if sig == ORIGINAL:
                     param.copy_(self.a.get(key))
                 else:
-                    param.copy_(merge_tensors(mode, kp, [c.get(key) for c in caches], device=param.device))
+                    param.copy_(merge_tensors(formula, kp, [c.get(key) for c in caches], device=param.device))
             else:
                 written_upto = 0
                 try:
@@ -236,7 +236,7 @@ class LiveSession:
                             flat[s0:e0].copy_(a)
                         else:
                             chunks = [a] + [c.chunk(key, s0, e0) for c in caches[1:]]
-                            flat[s0:e0].copy_(merge_tensors(mode, kp, chunks, scratch, device=param.device,
+                            flat[s0:e0].copy_(merge_tensors(formula, kp, chunks, scratch, device=param.device,
                                                             a_ready=ready))
                         written_upto = e0
                 except _Mismatch:
@@ -252,10 +252,9 @@ class LiveSession:
 
     @staticmethod
     def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple) -> Signature:
-        if kp is None or kp.action != "merge" or plan.mode.is_identity(kp.alpha, kp.beta):
+        if kp is None or kp.action != "merge" or plan.formula.is_identity(kp.alpha, kp.beta):
             return ORIGINAL  # the live weight already holds A: nothing to write, nothing to cache
-        beta = kp.beta if plan.mode.uses_beta else None
-        return (plan.mode.name, ids[: plan.mode.models], kp.alpha, beta, kp.channels)
+        return plan.formula.signature(kp, ids)
 
     # -- requests -------------------------------------------------------------------------------------
     def apply(self, recipe: Recipe, cancel: Callable[[], bool] | None = None,
@@ -292,8 +291,7 @@ class LiveSession:
             a_infos = self.a.source().infos
             todo.sort(key=lambda t: a_infos[t[1]].start)  # file order: sequential reads, contiguous releases
             self.target.prepare([k for _, k, _ in todo])
-            mode = plan.mode
-            used = caches[: mode.models]
+            used = caches[: plan.formula.models]
             done: list[tuple[str, Signature]] = []
             try:
                 for i, (kp, k, sig) in enumerate(todo):
@@ -303,7 +301,7 @@ class LiveSession:
                         self._verify(k, params[k])
                     else:
                         prev = self.signatures.get(k, ORIGINAL)
-                        self._write(params[k], kp, k, sig, mode, used)
+                        self._write(params[k], kp, k, sig, plan.formula, used)
                         done.append((k, prev))
                     for c in used:
                         c.release([k])  # the key's mapped source pages leave RSS as soon as it is done
@@ -395,7 +393,7 @@ class LiveSession:
                 self._write(params[key], None, key, ORIGINAL, None, [])
             else:
                 plan, caches = self._prev
-                self._write(params[key], by_key[key], key, prev, plan.mode, caches)
+                self._write(params[key], by_key[key], key, prev, plan.formula, caches)
 
     def restore(self) -> int:
         """Original weights back (copy from A's cache). Returns how many tensors were written."""

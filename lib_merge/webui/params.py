@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from ..elemental import subtarget_rule
 from ..errors import MergeError
-from ..modes import get_mode
+from ..methods.modes import get_mode
 from ..options import check_subtargets
 from ..recipe import Recipe
 

@@ -14,7 +14,7 @@ import gradio as gr
 from .. import presets
 from ..arch import ARCHS, SD1_BLOCKS
 from ..errors import MergeError
-from ..modes import MODES
+from ..methods.modes import MODES
 from ..options import DEFAULT_SAVE_DTYPE, DTYPE_CHOICES, SUBTARGETS, VAE_CHOICES
 from ..weights import format_vector, parse_weights
 from . import host

@@ -12,7 +12,7 @@ from typing import Any
 from .. import presets
 from ..arch import ARCHS
 from ..errors import MergeError
-from ..modes import MODES, get_mode
+from ..methods.modes import MODES, get_mode
 from ..options import SUBTARGETS, check_subtargets
 from ..weights import format_vector, parse_number, parse_weights
 from . import host

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from .errors import MergeError
+from ..errors import MergeError
 
 ModeFn = Callable[[Tensor, Optional[Tensor], Optional[Tensor], float, float], Tensor]
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .plan import KeyPlan
-from .modes import Mode
+from ..plan import KeyPlan
+from .formula import Formula
 
 
-def merge_tensors(mode: Mode, kp: KeyPlan, tensors: list[Tensor], scratch: list[Tensor] | None = None,
+def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch: list[Tensor] | None = None,
                   device: torch.device | str = "cpu", a_ready: bool = False) -> Tensor:
-    """fp32 result of ``mode`` on ``tensors`` (A first) for key plan ``kp``.
+    """fp32 result of ``formula`` (a mode bound to its method) on ``tensors`` (A first) for key plan ``kp``.
 
     ``scratch``: optional fp32 buffers (one per input, same numel as the inputs) that may be overwritten;
     ``a_ready``: ``scratch[0]`` already holds A's values in fp32 (the live sink converted them for its check).
@@ -25,7 +25,7 @@ def merge_tensors(mode: Mode, kp: KeyPlan, tensors: list[Tensor], scratch: list[
         parts = [a[:, :kp.channels].clone()] + [t[:, :kp.channels].to(device=device, dtype=torch.float32, copy=True)
                                                 for t in tensors[1:]]
         parts += [None] * (3 - len(parts))
-        a[:, :kp.channels] = mode.fn(parts[0], parts[1], parts[2], kp.alpha, kp.beta)
+        a[:, :kp.channels] = formula.compute(parts[0], parts[1], parts[2], kp.alpha, kp.beta, kp.key)
         return a
     ins: list[Tensor | None] = []
     for i, t in enumerate(tensors):
@@ -37,4 +37,4 @@ def merge_tensors(mode: Mode, kp: KeyPlan, tensors: list[Tensor], scratch: list[
         else:
             ins.append(t.to(device=device, dtype=torch.float32, copy=True))
     ins += [None] * (3 - len(ins))
-    return mode.fn(ins[0], ins[1], ins[2], kp.alpha, kp.beta)
+    return formula.compute(ins[0], ins[1], ins[2], kp.alpha, kp.beta, kp.key)

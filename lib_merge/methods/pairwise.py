@@ -1,0 +1,125 @@
+"""The two-model methods: SLERP, tensor swap (dim 0 or 1), self scale and add noise (weighted_sum); train difference and extract
+(add_difference). Formulas: supermerger's calculation modes (``docs/merge-conventions.md`` §1.3); SLERP as
+issue 12 states it."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .params import Param
+from .registry import method
+
+SLERP_LINEAR_BELOW = 1e-6  # sin ω below this: A and B (anti)parallel, interpolate linearly
+TRAIN_DIFFERENCE_GAIN = 1.8  # supermerger's fixed gain
+
+
+def _unit(ratio: float) -> str | None:
+    return None if 0.0 <= ratio <= 1.0 else f"ratio {ratio} is outside [0, 1]"
+
+
+def _alpha_zero(alpha: float, beta: float) -> bool:
+    return alpha == 0.0
+
+
+@method("slerp", "sin((1-t)ω)/sin ω · A + sin(tω)/sin ω · B, ω the angle between flattened A and B, t = alpha "
+        "(linear when sin ω < 1e-6, a norm is 0, or the tensor has one element)", ("weighted_sum",),
+        elementwise=False, keeps_a=_alpha_zero, swaps=True)
+def slerp(a, b, c, alpha, beta, params, key, seed):
+    t = alpha
+    if t == 0.0:
+        return a
+    if t == 1.0:
+        return b
+    if a.numel() > 1:
+        af, bf = a.reshape(-1).double(), b.reshape(-1).double()  # fp64 dot and norms: stable for large tensors
+        na, nb = float(torch.linalg.vector_norm(af)), float(torch.linalg.vector_norm(bf))
+        if na > 0.0 and nb > 0.0:
+            cos = max(-1.0, min(1.0, float(torch.dot(af, bf)) / (na * nb)))
+            omega = math.acos(cos)
+            so = math.sin(omega)
+            if so >= SLERP_LINEAR_BELOW:
+                return a.mul_(math.sin((1.0 - t) * omega) / so).add_(b, alpha=math.sin(t * omega) / so)
+    return a.lerp_(b, t)
+
+
+@method("train_difference", "A + (B - C) · |B - A| / (|B - C| + |B - A|) · 1.8 · alpha (0 where both are 0)",
+        ("add_difference",), keeps_a=_alpha_zero)
+def train_difference(a, b, c, alpha, beta, params, key, seed):
+    if alpha == 0.0:
+        return a
+    ba = (b - a).abs_()
+    d = b.sub_(c)
+    den = d.abs().add_(ba)
+    s = ba.div_(den).masked_fill_(den == 0, 0.0)
+    return a.add_(d.mul_(s), alpha=TRAIN_DIFFERENCE_GAIN * alpha)
+
+
+def swap_rows(n: int, alpha: float, beta: float) -> tuple[bool, int, int]:
+    """(start from B, first row, end row) of the rows taken from the other model, clamped to [0, n]."""
+    clamp = lambda x: max(0, min(n, math.floor(x)))  # noqa: E731
+    if alpha + beta <= 1.0:
+        return False, clamp(n * beta), clamp(n * (alpha + beta))
+    return True, clamp(n * (alpha + beta - 1.0)), clamp(n * beta)
+
+
+@method("tensor_swap", "rows [⌊n·beta⌋, ⌊n·(alpha+beta)⌋) of dim 0 from B, the rest A; when alpha + beta > 1, B "
+        "with rows [⌊n·(alpha+beta-1)⌋, ⌊n·beta⌋) from A (0-dim tensors stay A)", ("weighted_sum",),
+        elementwise=False, uses_beta=True, keeps_a=lambda alpha, beta: alpha == 0.0 and alpha + beta <= 1.0)
+def tensor_swap(a, b, c, alpha, beta, params, key, seed):
+    return _swap(a, b, alpha, beta, dim=0, n=a.shape[0] if a.dim() else 0)
+
+
+def _swap(a, b, alpha: float, beta: float, dim: int, n: int):
+    """Slices [lo, hi) along ``dim`` from the other model (bounds from ``n``, clipped to the size along ``dim``)."""
+    if a.dim() == 0:
+        return a
+    from_b, lo, hi = swap_rows(n, alpha, beta)
+    dst, src = (b, a) if from_b else (a, b)
+    hi = min(hi, dst.shape[dim])
+    if lo < hi:
+        dst.narrow(dim, lo, hi - lo).copy_(src.narrow(dim, lo, hi - lo))
+    return dst
+
+
+@method("tensor_swap_dim1", "as tensor_swap, but slices along dim 1 of tensors with 2 or more dims; the bounds use "
+        "dim 1's size when it is over 100, else dim 0's", ("weighted_sum",), elementwise=False, uses_beta=True,
+        keeps_a=lambda alpha, beta: alpha == 0.0 and alpha + beta <= 1.0)
+def tensor_swap_dim1(a, b, c, alpha, beta, params, key, seed):
+    if a.dim() < 2:
+        return _swap(a, b, alpha, beta, dim=0, n=a.shape[0] if a.dim() else 0)
+    return _swap(a, b, alpha, beta, dim=1, n=a.shape[1] if a.shape[1] > 100 else a.shape[0])
+
+
+@method("extract", "A + lerp(B - A, C - A, alpha) · lerp(d, 1 - d, beta), d = ((cos + 1) / 2)^gamma, cos the cosine "
+        "of B - A and C - A along the last dim (alpha: 0 = B, 1 = C; beta: 0 similar, 1 dissimilar features)",
+        ("add_difference",), elementwise=False, uses_beta=True, check_ratio=_unit,
+        params=(Param("gamma", float, 1.0, "selectivity: high counts only very similar features as similar", 0.0),))
+def extract(a, b, c, alpha, beta, params, key, seed):
+    da, db = b.sub_(a), c.sub_(a)
+    rows = (lambda t: t.reshape(1)) if a.dim() == 0 else (lambda t: t)
+    cos = torch.nn.functional.cosine_similarity(rows(da), rows(db), dim=-1).clamp_(-1.0, 1.0)
+    d = cos.add_(1.0).div_(2.0).pow_(params["gamma"])
+    weight = d.add((1.0 - 2.0 * d), alpha=beta).unsqueeze(-1) if a.dim() else d.add((1.0 - 2.0 * d), alpha=beta)
+    return a.add_(rows(da).lerp_(rows(db), alpha).mul_(weight).reshape(a.shape))
+
+
+NOISE_SPARED = ("to_out", "proj_out", "norm")  # supermerger leaves these keys alone (add_noise, self_scale)
+
+
+@method("self_scale", "alpha · A (keys containing to_out, proj_out or norm stay A; alpha 0 leaves A)",
+        ("weighted_sum",), keeps_a=lambda alpha, beta: alpha in (0.0, 1.0))
+def self_scale(a, b, c, alpha, beta, params, key, seed):
+    if alpha in (0.0, 1.0) or any(s in key for s in NOISE_SPARED):
+        return a
+    return a.mul_(alpha)
+
+
+@method("add_noise", "A + alpha · N(0, 1), one draw per key from the recipe's seed (keys containing to_out, proj_out "
+        "or norm stay A)", ("weighted_sum",), elementwise=False, keeps_a=_alpha_zero, seeded=True)
+def add_noise(a, b, c, alpha, beta, params, key, seed):
+    if alpha == 0.0 or any(s in key for s in NOISE_SPARED):
+        return a
+    g = torch.Generator(device="cpu").manual_seed(seed)  # CPU: the same numbers on every device
+    noise = torch.randn(a.shape, generator=g, dtype=torch.float32)
+    return a.add_(noise.to(a.device), alpha=alpha)
