@@ -227,9 +227,8 @@ def process_cell(p) -> None:
     axes = getattr(p, "blockmerge_xyz", None)
     if not axes:
         return
-    params = cell_params(SERVICE.base_params, axes, _arch_name())
-    try:
-        res = SERVICE.test_merge(params, keep_base=True)
+    try:  # the cell's settings are parsed here too (a method parameter by the cell's method): a failure stops the grid
+        res = SERVICE.test_merge(cell_params(SERVICE.base_params, axes, _arch_name()), keep_base=True)
     except Exception as e:  # the WebUI swallows exceptions from process(): record, stop the grid
         SERVICE.xyz_failure = f"cell {_describe(axes)}: {e}"
         host.state().interrupt()
