@@ -75,7 +75,8 @@ def test_axes_registered_once_with_labels(webui):
     labels = [o.label for o in webui["xyz"].axis_options if o.label.startswith("BlockMerge:")]
     assert labels == ["BlockMerge: alpha", "BlockMerge: beta", "BlockMerge: preset", "BlockMerge: weights",
                       "BlockMerge: block value", "BlockMerge: model B", "BlockMerge: model C",
-                      "BlockMerge: merge mode", "BlockMerge: elemental", "BlockMerge: sub-target"]
+                      "BlockMerge: merge mode", "BlockMerge: method", "BlockMerge: method parameter",
+                      "BlockMerge: seed", "BlockMerge: elemental", "BlockMerge: sub-target"]
 
 
 def test_alpha_grid_cells_differ_and_model_comes_back(webui):
@@ -311,3 +312,98 @@ def test_api_supermerger_time_embed_switch(client, webui):
     from safetensors import safe_open
     with safe_open(r2.json()["path"], "pt") as f:
         assert json.loads(f.metadata()["blockmerge_recipe"])["supermerger_time_embed_out11"] is True
+
+
+# -- methods and their parameters (issue 12) ------------------------------------------------------------------
+def test_api_method_live_merge_equals_file_merge(client, webui):
+    from safetensors.torch import load_file
+    body = {"model_b": "synthB", "method": "slerp", "alpha": 0.3}
+    r = client.post("/blockmerge/v1/test", json=body)
+    assert r.status_code == 200, r.json()
+    assert client.get("/blockmerge/v1/recipe").json()["recipe"]["method"] == "slerp"
+    r = client.post("/blockmerge/v1/save", json={"output": "slerp-live", "dtype": "fp32"})
+    r2 = client.post("/blockmerge/v1/merge", json={**body, "model_a": "synthA", "output": "slerp-file", "vae": "a",
+                                                   "dtype": "fp32"})
+    r3 = client.post("/blockmerge/v1/merge", json={**body, "method": "linear", "model_a": "synthA",
+                                                   "output": "linear-file", "vae": "a", "dtype": "fp32"})
+    assert r.status_code == 200 and r2.status_code == 200 and r3.status_code == 200, (r.json(), r2.json(), r3.json())
+    live, file_merged, linear = (load_file(x.json()["path"]) for x in (r, r2, r3))
+    assert all(torch.equal(live[k], file_merged[k]) for k in live)  # same recipe, same tensors
+    assert any(not torch.equal(live[k], linear[k]) for k in live)  # and slerp is not the linear merge
+
+
+@pytest.mark.parametrize("body,detail", [
+    ({"model_b": "synthB", "method": "bogus"},
+     "unknown method 'bogus', choose one of linear, slerp, train_difference, tensor_swap, tensor_swap_dim1, extract, "
+     "self_scale, add_noise, method"),
+    ({"model_b": "synthB", "method": 3}, "method must be a string, method: 3"),
+    ({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "extract", "params": {"gama": 1}},
+     "unknown parameter 'gama' for method extract (it takes gamma), params gama"),
+    ({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "extract",
+      "params": {"gamma": "x"}}, "params gamma must be a number or true/false (got str 'x'), params"),
+    ({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "extract",
+      "params": {"gamma": -1}}, "parameter gamma must lie in [0, inf] (got -1.0), method extract"),
+    ({"model_b": "synthB", "params": [1]}, "params must be an object of parameter names and values (got list [1]), "
+                                           "params"),
+    ({"model_b": "synthB", "method": "add_noise"}, "method add_noise draws random numbers: give a seed, seed"),
+    ({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "slerp"},
+     "method slerp works with mode weighted_sum only, not add_difference, method slerp"),
+])
+def test_api_method_and_params_are_checked_by_the_declarations(client, body, detail):
+    r = client.post("/blockmerge/v1/test", json=body)
+    assert r.status_code == 422 and r.json()["detail"] == detail
+
+
+def test_method_grid_cells_differ_and_model_comes_back(webui):
+    svc, model = webui["svc"], webui["model"]
+    original = fp(model)
+    svc.test_merge({"model_b": "synthB", "alpha": 0.3})
+    pre_grid = fp(model)
+    cells = grid(webui, "BlockMerge: method", "", x_drop=["linear", "slerp"])
+    assert len(cells) == 2 and len({c.images[0].tobytes() for c in cells}) == 2
+    assert [c["axes"] for c in svc.xyz_cells] == [{"method": "linear"}, {"method": "slerp"}]
+    assert fp(model) == pre_grid and svc.base_params.get("method") is None
+    svc.restore()
+    assert fp(model) == original
+
+
+def test_method_parameter_grid_cells_differ(webui):
+    svc, model = webui["svc"], webui["model"]
+    original = fp(model)
+    svc.test_merge({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "extract",
+                    "alpha": 0.3, "beta": 0.1})  # beta 0.5 would weigh d and 1 - d alike: gamma without effect
+    svc.restore()
+    cells = grid(webui, "BlockMerge: method parameter", "gamma=0.5|gamma=4")
+    assert len(cells) == 2 and len({c.images[0].tobytes() for c in cells}) == 2
+    assert [c["axes"] for c in svc.xyz_cells] == [{"method_params": "gamma=0.5"}, {"method_params": "gamma=4"}]
+    assert fp(model) == original
+
+
+def test_method_axes_are_checked_before_the_first_cell(webui):
+    from lib_merge.errors import MergeError
+    from lib_merge.webui.xyz import cell_params
+    svc = webui["svc"]
+    opt = {o.label: o for o in webui["xyz"].axis_options}
+    opt["BlockMerge: method"].confirm(None, ["linear", "extract"])
+    with pytest.raises(MergeError, match=r"^unknown method 'bogus'"):
+        opt["BlockMerge: method"].confirm(None, ["linear", "bogus"])
+    with pytest.raises(MergeError, match=r"^no method takes parameter 'density' \(declared: gamma \(extract\)\), "
+                                         r"BlockMerge: method parameter 'density=0.1'$"):
+        opt["BlockMerge: method parameter"].confirm(None, ["density=0.1"])
+    with pytest.raises(MergeError, match=r"^parameter gamma must be a number \(got 'x'\), method extract, "
+                                         r"BlockMerge: method parameter 'gamma=x'$"):
+        opt["BlockMerge: method parameter"].confirm(None, ["gamma=x"])
+    with pytest.raises(MergeError, match=r"^seed must be 0 .. 2\*\*63-1"):
+        opt["BlockMerge: seed"].confirm(None, [-1])
+    svc.test_merge({"model_b": "synthB", "alpha": 0.3})
+    with pytest.raises(MergeError, match=r"^unknown parameter 'gamma' for method linear \(it takes none\), "
+                                         r"BlockMerge: method parameter 'gamma=1'$"):
+        grid(webui, "BlockMerge: method parameter", "gamma=1")
+    with pytest.raises(MergeError, match=r"^method add_noise draws random numbers: set a seed in the base recipe or "
+                                         r"add a BlockMerge: seed axis, BlockMerge: method$"):
+        grid(webui, "BlockMerge: method", "", x_drop=["linear", "add_noise"])
+    assert svc.xyz_cells == []
+    cells = grid(webui, "BlockMerge: method", "", "BlockMerge: seed", "1,2", x_drop=["add_noise"])
+    assert len({c.images[0].tobytes() for c in cells}) == 2  # the seed axis reaches the cell
+    assert cell_params({"model_b": "b", "method": "extract", "params": {"gamma": 2.0}}, {"method": "slerp"},
+                       "sd1") == {"model_b": "b", "method": "slerp"}  # extract's gamma is not slerp's

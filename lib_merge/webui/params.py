@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 from ..elemental import subtarget_rule
 from ..errors import MergeError
 from ..methods.modes import get_mode
 from ..options import check_subtargets
-from ..recipe import Recipe
+from ..recipe import READABLE_VERSIONS, Recipe
 
 FIELDS = {"model_a", "model_b", "model_c", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
           "preset_beta", "elemental", "dtype", "vae", "subtargets", "supermerger_time_embed_out11", "seed",
-          "output", "overwrite"}
+          "method", "params", "output", "overwrite"}
 
 
 def _num(params: dict, name: str, default: float) -> float:
@@ -61,6 +62,27 @@ def _str(params: dict, name: str) -> str | None:
     return v.strip()
 
 
+_CLI_HINT = re.compile(r", (--method|--seed|-p)( \S+)?$")
+_API_FIELD = {"--method": "method", "--seed": "seed", "-p": "params"}
+
+
+def api_wording(e: MergeError) -> MergeError:
+    """The engine's method checks end with the command-line option (``, -p gama``); an API caller gets the
+    field it sent (``, params gama``), the message otherwise the engine's own."""
+    text = str(e)
+    m = _CLI_HINT.search(text)
+    if m is None:
+        return e
+    return MergeError(text[: m.start()] + f", {_API_FIELD[m.group(1)]}{m.group(2) or ''}")
+
+
+def method_params(params: dict) -> dict[str, Any]:
+    """``params``: a JSON object of parameter names and values, shaped as the recipe reads it; which names and
+    values the method takes is the method's declaration's check (``Recipe.validate``)."""
+    shape = {"version": READABLE_VERSIONS[-1], "params": params.get("params")}  # the field alone, any engine version
+    return Recipe.from_dict(shape, "params").params
+
+
 def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], model_a_path: str | None,
               default_vae: str = "a") -> Recipe:
     """``resolve_model(name, field) -> file path`` (checkpoint names only). ``model_a_path`` is used when
@@ -101,6 +123,10 @@ def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], 
                     weights_beta=_str(params, "weights_beta"), preset=_str(params, "preset"),
                     preset_beta=_str(params, "preset_beta"), elemental=elemental, dtype=dtype, vae=vae,
                     supermerger_time_embed_out11=flag(params, "supermerger_time_embed_out11"),
-                    seed=_whole(params, "seed"))
-    recipe.validate()  # choices and the rules across fields (weights or preset), as for the CLI
+                    seed=_whole(params, "seed"), method=_str(params, "method") or "linear",
+                    params=method_params(params))
+    try:
+        recipe.validate()  # choices, the rules across fields, the method with the mode and its declared params
+    except MergeError as e:
+        raise api_wording(e) from None
     return recipe

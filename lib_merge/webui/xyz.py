@@ -12,7 +12,9 @@ from typing import Any
 from .. import presets
 from ..arch import ARCHS
 from ..errors import MergeError
+from ..dice import check_seed
 from ..methods.modes import MODES, get_mode
+from ..methods.registry import METHODS, Method, get_method
 from ..options import SUBTARGETS, check_subtargets
 from ..weights import format_vector, parse_number, parse_weights
 from . import host
@@ -60,6 +62,47 @@ def parse_block_values(text: str, arch_name: str = "sd1") -> dict[str, float]:
     return out
 
 
+PARAM_AXIS = "BlockMerge: method parameter"
+
+
+def _param_items(text: str) -> list[tuple[str, str, str]]:
+    """``density=0.1 gamma=2`` -> [(item, name, value text)]; the syntax only, no method needed."""
+    out = []
+    for item in text.split():
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise MergeError(f"method parameter needs NAME=VALUE, {PARAM_AXIS} {item!r}")
+        out.append((item, name.strip(), value))
+    if not out:
+        raise MergeError(f"empty method parameter, {PARAM_AXIS} {text!r}")
+    return out
+
+
+def parse_method_params(text: str, method: Method) -> dict[str, Any]:
+    """One cell's ``NAME=VALUE`` items, each parsed and checked by ``method``'s declaration of NAME."""
+    out = {}
+    for item, name, value in _param_items(text):
+        decl = method.param(name)
+        if decl is None:
+            try:
+                method.check_params({name: None})  # raises: unknown parameter, naming the method's own
+            except MergeError as e:
+                raise MergeError(f"{str(e).rpartition(', ')[0]}, {PARAM_AXIS} {item!r}") from None
+        out[name] = decl.parse_text(value, f"method {method.name}, {PARAM_AXIS} {item!r}")
+    return out
+
+
+def check_param_value(text: str) -> None:
+    """A method parameter value on its own (``confirm`` cannot see a method axis): each name must be declared
+    by some method and its value read by that declaration; the cell's method is checked in the wrapped run."""
+    for item, name, value in _param_items(text):
+        owners = [m for m in METHODS.values() if m.param(name) is not None]
+        if not owners:
+            known = ", ".join(f"{p.name} ({m.name})" for m in METHODS.values() for p in m.params) or "none"
+            raise MergeError(f"no method takes parameter {name!r} (declared: {known}), {PARAM_AXIS} {item!r}")
+        owners[0].param(name).parse_text(value, f"method {owners[0].name}, {PARAM_AXIS} {item!r}")
+
+
 def _confirm(kind: str):
     def confirm(p, xs):
         for x in xs:
@@ -73,6 +116,12 @@ def _confirm(kind: str):
                 host.checkpoint_by_name(x, kind)
             elif kind == "mode":
                 get_mode(x)
+            elif kind == "method":
+                get_method(x)
+            elif kind == "method_params":
+                check_param_value(x)
+            elif kind == "seed":
+                check_seed(x)
             elif kind == "subtargets":
                 check_subtargets([x])
             elif kind == "elemental":
@@ -105,6 +154,11 @@ def axis_options(xyz) -> list:
           choices=ckpts),
         A(PREFIX + "merge mode", str, _set("mode"), format_value=fmt, confirm=_confirm("mode"), cost=0.8,
           choices=lambda: list(MODES)),
+        A(PREFIX + "method", str, _set("method"), format_value=fmt, confirm=_confirm("method"), cost=0.8,
+          choices=lambda: list(METHODS)),
+        A(PARAM_AXIS, str, _set("method_params"), format_value=fmt, confirm=_confirm("method_params"), cost=0.8,
+          prepare=_split_bar),
+        A(PREFIX + "seed", int, _set("seed"), format_value=fmt, confirm=_confirm("seed"), cost=0.8),
         A(PREFIX + "elemental", str, _set("elemental"), format_value=fmt, confirm=_confirm("elemental"), cost=0.6,
           prepare=_split_bar),
         A(PREFIX + "sub-target", str, _set("subtargets"), format_value=fmt, confirm=_confirm("subtargets"), cost=0.8,
@@ -136,9 +190,15 @@ def cell_params(base: dict | None, axes: dict[str, Any], arch_name: str) -> dict
     """The merge settings of one cell: the base recipe with the axes' values on top."""
     p = dict(base or {"mode": "weighted_sum", "alpha": 0.5})
     p.pop("model_a", None)
-    for k in ("model_b", "model_c", "mode", "alpha", "beta", "elemental"):
+    for k in ("model_b", "model_c", "mode", "alpha", "beta", "elemental", "seed"):
         if k in axes:
             p[k] = axes[k]
+    if "method" in axes and axes["method"] != (p.get("method") or "linear"):
+        p["method"] = axes["method"]
+        p.pop("params", None)  # the base's parameters belong to its own method
+    if "method_params" in axes:
+        method = get_method(p.get("method") or "linear")
+        p["params"] = {**(p.get("params") or {}), **parse_method_params(axes["method_params"], method)}
     if "subtargets" in axes:
         p["subtargets"] = [] if axes["subtargets"] == "all" else [axes["subtargets"]]
     if "preset" in axes:
@@ -167,9 +227,8 @@ def process_cell(p) -> None:
     axes = getattr(p, "blockmerge_xyz", None)
     if not axes:
         return
-    params = cell_params(SERVICE.base_params, axes, _arch_name())
-    try:
-        res = SERVICE.test_merge(params, keep_base=True)
+    try:  # the cell's settings are parsed here too (a method parameter by the cell's method): a failure stops the grid
+        res = SERVICE.test_merge(cell_params(SERVICE.base_params, axes, _arch_name()), keep_base=True)
     except Exception as e:  # the WebUI swallows exceptions from process(): record, stop the grid
         SERVICE.xyz_failure = f"cell {_describe(axes)}: {e}"
         host.state().interrupt()
@@ -226,6 +285,51 @@ def check_grid(labels: list[str], base: dict | None) -> None:
             raise MergeError(f"{sweep} has no effect while {vector} is set; sweep BlockMerge: block value or preset")
 
 
+def _axis_values(script, args, label: str) -> list[str] | None:
+    """The values the grid will give axis ``label`` (as the script reads them), or None if it is not an axis."""
+    opts = getattr(script, "current_axis_options", None) or []
+    for i in (0, 3, 6):
+        try:
+            opt = opts[int(args[i])]
+        except (IndexError, TypeError, ValueError):
+            continue
+        if opt.label != label:
+            continue
+        if opt.choices is not None and args[i + 2]:
+            return [str(v) for v in args[i + 2]]
+        text = str(args[i + 1] or "")
+        return opt.prepare(text) if opt.prepare else [v.strip() for v in text.split(",") if v.strip()]
+    return None
+
+
+def check_methods(methods: list[str], modes: list[str], param_values: list[str], seeded_ok: bool) -> None:
+    """Checks across the method, merge mode, method parameter and seed axes (and the base recipe), before the
+    first cell: every method of the grid pairs with every mode, takes every parameter value, and has a seed."""
+    where = PREFIX + "method"
+    for name in methods:
+        method = get_method(name)
+        for mode in modes:
+            try:
+                method.check_mode(mode)
+            except MergeError as e:
+                raise MergeError(f"{str(e).rpartition(', ')[0]}, {where}") from None
+        for value in param_values:
+            parse_method_params(value, method)
+        if method.seeded and not seeded_ok:
+            raise MergeError(f"method {name} draws random numbers: set a seed in the base recipe or add a "
+                             f"BlockMerge: seed axis, {where}")
+
+
+def _check_method_axes(script, args, base: dict | None) -> None:
+    axes = {lb: _axis_values(script, args, PREFIX + lb) for lb in ("method", "merge mode", "method parameter", "seed")}
+    if axes["method"] is None and axes["method parameter"] is None:
+        return
+    base = base or {}
+    check_methods(axes["method"] or [base.get("method") or "linear"],
+                  axes["merge mode"] or [base.get("mode") or "weighted_sum"],
+                  axes["method parameter"] or [], base.get("seed") is not None or axes["seed"] is not None)
+
+
 def wrap_run(xyz) -> None:
     cls = xyz.Script
     if getattr(cls.run, MARK, None) is not None:
@@ -237,6 +341,7 @@ def wrap_run(xyz) -> None:
         if not any(lb.startswith(PREFIX) for lb in labels):
             return orig(self, p, *args)
         check_grid(labels, SERVICE.base_params)
+        _check_method_axes(self, args, SERVICE.base_params)
         before = dict(SERVICE.live_params) if SERVICE.live_params else None
         base = SERVICE.base_params
         SERVICE.xyz_failure = None
