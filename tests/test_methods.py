@@ -341,3 +341,16 @@ def test_extract_refuses_ratios_outside_unit_and_swap_ab_needs_a_symmetric_metho
     with pytest.raises(MergeError, match=r"^--swap-ab works with the linear and slerp methods only, not tensor_swap$"):
         Recipe(models=names[:2], method="tensor_swap", swap_ab=True).validate()
     Recipe(models=names[:2], method="slerp", swap_ab=True).validate()
+
+
+def test_slerp_dot_products_over_several_chunks_match_fp64():
+    """The fp64 sums run over fixed chunks (no whole-tensor fp64 copies): a tensor spanning several chunks and
+    a ragged tail gives the dot products and norms of a whole-tensor fp64 computation."""
+    from lib_merge.methods.pairwise import DOT_CHUNK, _dots
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3 * DOT_CHUNK + 5, generator=g)
+    b = torch.randn(3 * DOT_CHUNK + 5, generator=g)
+    aa, bb, ab = _dots(a, b)
+    ad, bd = a.double(), b.double()
+    for got, want in ((aa, ad @ ad), (bb, bd @ bd), (ab, ad @ bd)):
+        assert abs(got - float(want)) <= 1e-9 * abs(float(want))

@@ -22,6 +22,21 @@ def _alpha_zero(alpha: float, beta: float) -> bool:
     return alpha == 0.0
 
 
+DOT_CHUNK = 1 << 16  # elements per fp64 partial sum: cache-resident, instead of fp64 copies of whole tensors
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """⟨A,A⟩, ⟨B,B⟩, ⟨A,B⟩ of two flat tensors, accumulated in fp64 over fixed chunks (stable for tensors of
+    tens of millions of elements; a whole-tensor fp64 copy cost 16 bytes per element and most of SLERP's time)."""
+    aa = bb = ab = 0.0
+    for s in range(0, a.numel(), DOT_CHUNK):
+        x, y = a[s:s + DOT_CHUNK].double(), b[s:s + DOT_CHUNK].double()
+        aa += float(torch.dot(x, x))
+        bb += float(torch.dot(y, y))
+        ab += float(torch.dot(x, y))
+    return aa, bb, ab
+
+
 @method("slerp", "sin((1-t)ω)/sin ω · A + sin(tω)/sin ω · B, ω the angle between flattened A and B, t = alpha "
         "(linear when sin ω < 1e-6, a norm is 0, or the tensor has one element)", ("weighted_sum",),
         elementwise=False, keeps_a=_alpha_zero, swaps=True)
@@ -32,10 +47,10 @@ def slerp(a, b, c, alpha, beta, params, key, seed):
     if t == 1.0:
         return b
     if a.numel() > 1:
-        af, bf = a.reshape(-1).double(), b.reshape(-1).double()  # fp64 dot and norms: stable for large tensors
-        na, nb = float(torch.linalg.vector_norm(af)), float(torch.linalg.vector_norm(bf))
+        aa, bb, ab = _dots(a.reshape(-1), b.reshape(-1))
+        na, nb = math.sqrt(aa), math.sqrt(bb)
         if na > 0.0 and nb > 0.0:
-            cos = max(-1.0, min(1.0, float(torch.dot(af, bf)) / (na * nb)))
+            cos = max(-1.0, min(1.0, ab / (na * nb)))
             omega = math.acos(cos)
             so = math.sin(omega)
             if so >= SLERP_LINEAR_BELOW:
