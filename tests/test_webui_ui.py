@@ -264,3 +264,159 @@ def test_tab_lists_are_the_engine_lists(tab):
     assert choices(tab.c["dtype"]) == list(options.DTYPE_CHOICES)
     assert choices(tab.c["vae"]) == list(options.VAE_CHOICES)
     assert choices(tab.c["subtargets"]) == list(options.SUBTARGETS)
+
+
+# -- methods, their declared parameters and the merge seed (issue 12) -----------------------------------------
+def _choices(comp):
+    return [x[0] if isinstance(x, tuple) else x for x in comp.choices]
+
+
+def _fake_registry():
+    """A copy of the registry plus a method declaring a whole-number slider, a bounded-below float and a flag."""
+    from lib_merge.methods import METHODS, Method, Param
+    fake = Method("fake_m", "A", ("weighted_sum",), None, params=(
+        Param("steps", int, 4, "how many", 1, 8), Param("scale", float, 0.5, "how far", 0.0),
+        Param("flip", bool, False, "whether")))
+    return {**METHODS, "fake_m": fake}
+
+
+def test_tab_builds_one_control_per_declared_parameter_of_every_method(tab):
+    from lib_merge.methods import METHODS
+    c = tab.c
+    assert list(c["param_groups"]) == list(METHODS)
+    ctls = c["param_controls"]
+    declared = [(n, p) for n, m in METHODS.items() for p in m.params]
+    assert len(ctls) == len(declared) == sum(len(m.params) for m in METHODS.values()) >= 1
+    assert [(o, p) for o, p, _ in ctls] == declared
+    for owner, p, comp in ctls:
+        assert comp.label == p.name and comp.info == p.meaning and comp.value == p.default
+    gamma = next(comp for o, p, comp in ctls if (o, p.name) == ("extract", "gamma"))
+    assert isinstance(gamma, gr.Number) and gamma.minimum == 0.0 and gamma.maximum is None  # declared low only
+    assert [n for n, g in c["param_groups"].items() if g.visible] == ["linear"]
+
+
+def test_a_method_added_to_the_registry_gets_its_controls(stub, monkeypatch):
+    from lib_merge.webui import ui
+    reg = _fake_registry()
+    owners = ui.param_owners(reg)
+    assert owners[-1][0] == "fake_m" and len(owners) == len(reg)
+    with gr.Blocks():
+        groups, ctls = ui.method_controls(owners, "fake_m")
+    assert [n for n, g in groups.items() if g.visible] == ["fake_m"]
+    mine = {p.name: comp for o, p, comp in ctls if o == "fake_m"}
+    assert isinstance(mine["steps"], gr.Slider) and (mine["steps"].minimum, mine["steps"].maximum) == (1, 8)
+    assert mine["steps"].step == 1 and mine["steps"].value == 4
+    assert isinstance(mine["scale"], gr.Number) and mine["scale"].minimum == 0.0
+    assert isinstance(mine["flip"], gr.Checkbox) and mine["flip"].value is False and mine["flip"].info == "whether"
+    monkeypatch.setattr(ui, "METHODS", reg)  # the whole tab: its groups follow the registry
+    t = UI(ui.create_tab())
+    assert list(t.c["param_groups"]) == list(reg)
+    assert len(t.c["param_controls"]) == sum(len(m.params) for m in reg.values())
+    assert "fake_m" in _choices(t.c["method"])  # pairs with weighted_sum, the starting mode
+
+
+def test_methods_listed_are_the_ones_that_pair_with_the_mode(tab):
+    from lib_merge.methods import METHODS
+    from lib_merge.methods.modes import MODES
+    from lib_merge.webui.ui import methods_for
+    c = tab.c
+    assert _choices(c["method"]) == methods_for("weighted_sum")
+    assert methods_for("add_difference") == ["linear", "train_difference", "extract"]
+    assert methods_for("sigmoid") == ["linear"]
+    for name in MODES:
+        tab[c["mode"]] = name
+        tab.fire(c["mode"], "change")
+        assert tab.prop(c["method"], "choices") == [n for n, m in METHODS.items() if m.modes is None or name in m.modes]
+    # a method that does not pair with the new mode goes back to linear (its group hidden); one that does stays
+    tab[c["mode"]] = "add_difference"
+    tab[c["method"]] = "extract"
+    tab.fire(c["mode"], "change")
+    assert tab[c["method"]] == "extract"
+    tab[c["mode"]] = "weighted_sum"
+    tab.fire(c["mode"], "change")
+    assert tab[c["method"]] == "linear"
+    groups = c["param_groups"]
+    assert [n for n, g in groups.items() if tab.prop(g, "visible")] == ["linear"]
+
+
+def test_choosing_a_method_shows_its_parameters_only_and_beta_where_it_reads_beta(tab):
+    c = tab.c
+    groups = c["param_groups"]
+    tab[c["mode"]] = "add_difference"
+    tab.fire(c["mode"], "change")
+    tab[c["method"]] = "extract"
+    tab.fire(c["method"], "change")
+    assert [n for n, g in groups.items() if tab.prop(g, "visible")] == ["extract"]
+    assert tab.prop(c["beta"], "interactive") is True  # extract reads beta, add_difference does not
+    tab[c["method"]] = "train_difference"
+    tab.fire(c["method"], "change")
+    assert [n for n, g in groups.items() if tab.prop(g, "visible")] == ["train_difference"]
+    assert tab.prop(c["beta"], "interactive") is False and tab[c["editing"]] == "alpha"
+    tab[c["mode"]] = "weighted_sum"
+    tab.fire(c["mode"], "change")
+    tab[c["method"]] = "tensor_swap"
+    tab.fire(c["method"], "change")
+    assert tab.prop(c["weights_beta"], "interactive") is True
+
+
+class Recording:
+    """Stands in for the service: records the request, answers with a recipe that carries ``seed``."""
+
+    def __init__(self, seed):
+        self.sent, self.seed = [], seed
+
+    def test_merge(self, params):
+        self.sent.append(params)
+        return {"written": 1, "notes": [], "message": "ok", "recipe": {"seed": self.seed}}
+
+
+def test_test_merge_sends_the_method_and_its_typed_parameter_values(stub, monkeypatch):
+    from lib_merge.webui import ui
+    rec = Recording(None)
+    monkeypatch.setattr(ui, "SERVICE", rec)
+    monkeypatch.setattr(ui, "METHODS", _fake_registry())
+    t = UI(ui.create_tab())
+    c = t.c
+    mine = {p.name: comp for o, p, comp in c["param_controls"] if o == "fake_m"}
+    t[c["model_b"]] = "synthB"
+    t[c["method"]] = "fake_m"
+    t.fire(c["method"], "change")
+    t[mine["steps"]], t[mine["scale"]], t[mine["flip"]] = 3.0, 2, True  # as a slider / number box send them
+    test = next(b for b in c["buttons"] if b.value == "Test merge")
+    t.fire(test, "click")
+    sent = rec.sent[-1]
+    assert sent["method"] == "fake_m" and sent["params"] == {"steps": 3, "scale": 2.0, "flip": True}
+    assert type(sent["params"]["steps"]) is int and type(sent["params"]["scale"]) is float
+    assert "seed" not in sent and t[c["merge_seed"]] == -1  # -1, no random draw: nothing sent, nothing shown
+    t[c["method"]] = "linear"  # another method: only its parameters (none) go
+    t.fire(test, "click")
+    assert rec.sent[-1]["method"] == "linear" and "params" not in rec.sent[-1]
+    t[c["merge_seed"]] = 42
+    t.fire(test, "click")
+    assert rec.sent[-1]["seed"] == 42
+
+
+def test_seed_minus_one_draws_and_the_box_shows_the_recorded_seed(live_tab):
+    """Real merges: random weights draw in the plan (None sent); add_noise needs its seed first (the tab draws)."""
+    from lib_merge.webui import ui
+    t = live_tab
+    c = t.c
+    test = next(b for b in c["buttons"] if b.value == "Test merge")
+    t[c["model_b"]] = "synthB"
+    t[c["elemental"]] = "OUT05::R"  # a random ratio (the weights text takes numbers only)
+    assert ui.merge_seed(-1, "linear") is None and ui.merge_seed(None, "linear") is None
+    t.fire(test, "click")
+    assert "test merge live" in t[c["status"]], t[c["status"]]
+    recorded = ui.SERVICE.recipe_json()["seed"]
+    assert isinstance(recorded, int) and t[c["merge_seed"]] == recorded
+    assert f"seed {recorded}" in t[c["status"]]
+    t[c["elemental"]] = ""
+    t[c["method"]] = "add_noise"
+    t[c["merge_seed"]] = -1
+    t.fire(test, "click")
+    assert "test merge live" in t[c["status"]], t[c["status"]]
+    drawn = ui.SERVICE.recipe_json()["seed"]
+    assert ui.SERVICE.recipe_json()["method"] == "add_noise" and t[c["merge_seed"]] == drawn >= 0
+    t[c["merge_seed"]] = 7  # a seed given is the seed used
+    t.fire(test, "click")
+    assert ui.SERVICE.recipe_json()["seed"] == 7 and t[c["merge_seed"]] == 7

@@ -14,6 +14,8 @@ import gradio as gr
 from .. import presets
 from ..arch import ARCHS, SD1_BLOCKS
 from ..errors import MergeError
+from ..dice import draw_seed
+from ..methods import METHODS, Param
 from ..methods.modes import MODES
 from ..options import DEFAULT_SAVE_DTYPE, DTYPE_CHOICES, SUBTARGETS, VAE_CHOICES
 from ..weights import format_vector, parse_weights
@@ -66,20 +68,112 @@ def sliders_to_vector(slider_values: list[float], layout: str, text: str | None,
     return [e if shown(e) == v else v for e, v in zip(exact, vis)]
 
 
-def beta_controls(mode: str) -> list[dict]:
-    """beta slider, beta weights, "Sliders edit" radio: usable only in modes whose formula has beta (as alpha is
-    greyed out while a full vector sets every block). The sliders go back to alpha when beta is not used."""
-    uses = MODES[mode].uses_beta
+def beta_controls(mode: str, method: str = "linear") -> list[dict]:
+    """beta slider, beta weights, "Sliders edit" radio: usable only where the formula has beta, the mode's or the
+    method's (as alpha is greyed out while a full vector sets every block). The sliders go back to alpha when beta
+    is not used."""
+    uses = uses_beta(mode, method)
     radio = gr.update(interactive=True) if uses else gr.update(value="alpha", interactive=False)
     return [gr.update(interactive=uses), gr.update(interactive=uses), radio]
 
 
+def uses_beta(mode: str, method: str = "linear") -> bool:
+    """Whether beta does anything: the mode's formula or the method's (tensor_swap, extract) reads it."""
+    meth = METHODS.get(method or "linear")
+    return MODES[mode].uses_beta or bool(meth is not None and meth.uses_beta)
+
+
 def alpha_used(mode: str, use_blocks: bool, subtargets: list[str] | None) -> bool:
     """Whether the alpha slider does anything: not in a one-model mode (no_interpolation), not while the block
-    sliders set every block, except with sub-targets (then the other keys get alpha)."""
+    sliders set every block, except with sub-targets (then the other keys get alpha). Every method reads alpha
+    (the block vector replaces it as it does for the mode), so the method only matters through its mode (which
+    ``methods_for`` keeps paired): unlike beta, no method argument."""
     subs = subtargets or []
     partial = bool([s for s in subs if s != "all"]) and "all" not in subs
     return MODES[mode].models > 1 and (not use_blocks or partial)
+
+
+# -- methods and their declared parameters ------------------------------------------------------------------
+def methods_for(mode: str, registry: dict | None = None) -> list[str]:
+    """The methods that pair with ``mode`` (``Method.modes``, None = every mode), in registry order."""
+    reg = METHODS if registry is None else registry
+    return [n for n, m in reg.items() if m.modes is None or mode in m.modes]
+
+
+def param_owners(registry: dict | None = None) -> list[tuple[str, tuple[Param, ...]]]:
+    """(owner name, declared parameters) for every owner the tab builds controls for: every method, with or
+    without parameters (an empty group keeps "show the selected method's group" uniform). Modes that declare
+    parameters would be one more line here: ``+ [(n, m.params) for n, m in MODES.items()]``."""
+    reg = METHODS if registry is None else registry
+    return [(n, tuple(m.params)) for n, m in reg.items()]
+
+
+def param_control(owner: str, p: Param):
+    """One control for a declared parameter, built from the declaration alone: a checkbox for true/false, a
+    slider when both bounds are declared, else a number box (bounds kept where declared); whole numbers step
+    by 1 and the number box rounds them (precision 0)."""
+    eid = f"blockmerge_param_{owner}_{p.name}"
+    if p.type is bool:
+        return gr.Checkbox(value=bool(p.default), label=p.name, info=p.meaning, elem_id=eid)
+    whole = p.type is int
+    if p.low is not None and p.high is not None:
+        step = 1 if whole else (p.high - p.low) / 100
+        return gr.Slider(minimum=p.low, maximum=p.high, step=step, value=p.default, label=p.name, info=p.meaning,
+                         elem_id=eid)
+    return gr.Number(value=p.default, label=p.name, info=p.meaning, precision=0 if whole else None,
+                     minimum=p.low, maximum=p.high, elem_id=eid)
+
+
+def method_controls(owners: list[tuple[str, tuple[Param, ...]]], selected: str):
+    """At build time (gradio cannot add components after launch): one group per owner holding one control per
+    declared parameter; only ``selected``'s group is visible. Returns (groups by owner, [(owner, Param,
+    control)] in declaration order): the flat list is what the handlers take as inputs."""
+    groups: dict[str, Any] = {}
+    controls: list[tuple[str, Param, Any]] = []
+    for owner, params in owners:
+        with gr.Column(visible=owner == selected, elem_id=f"blockmerge_params_{owner}") as col:
+            for p in params:
+                controls.append((owner, p, param_control(owner, p)))
+        groups[owner] = col
+    return groups, controls
+
+
+def show_group(groups: dict[str, Any], selected: str) -> list[dict]:
+    """Visibility updates for ``groups`` (in their order): ``selected``'s group only."""
+    return [gr.update(visible=owner == selected) for owner in groups]
+
+
+def typed_value(p: Param, value: Any) -> Any:
+    """A control's value as the parameter's type: a slider sends 2.0 for a whole number, the recipe wants 2;
+    an emptied number box means the default."""
+    if value is None:
+        return p.default
+    if p.type is bool:
+        return bool(value)
+    if p.type is int:
+        return int(round(float(value)))
+    return float(value)
+
+
+def param_values(owner: str, controls: list[tuple[str, Param, Any]], values: list[Any]) -> dict[str, Any]:
+    """The selected owner's parameters, by name, typed (``values`` in the order of ``controls``)."""
+    return {p.name: typed_value(p, v) for (o, p, _), v in zip(controls, values) if o == owner}
+
+
+def merge_seed(box: Any, method: str) -> int | None:
+    """The seed box -> the request's seed: -1 (or empty) draws one. Random ratios draw in the plan (None is
+    sent, the live recipe records the seed drawn); a seeded method (add_noise) needs its seed before the
+    recipe is checked, so the tab draws it here."""
+    if box is None or int(box) < 0:
+        meth = METHODS.get(method or "linear")
+        return draw_seed() if meth is not None and meth.seeded else None
+    return int(box)
+
+
+def recorded_seed(result: dict) -> dict:
+    """After a merge the seed box shows the seed the merge used (its recipe records it), else stays as is."""
+    seed = (result.get("recipe") or {}).get("seed")
+    return gr.update(value=seed) if seed is not None else gr.update()
 
 
 def stale_preview(infotext: str | None, why: str) -> list[dict]:
@@ -97,10 +191,17 @@ def status_html(text: str, error: bool = False) -> str:
 
 
 def build_params(model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
-                 subtargets, elemental, dtype, vae) -> dict[str, Any]:
+                 subtargets, elemental, dtype, vae, method: str | None = None, params: dict | None = None,
+                 seed: int | None = None) -> dict[str, Any]:
     """UI state -> the request dict (the CLI's names) that the service and the API take."""
     m = MODES[mode]
     p: dict[str, Any] = {"mode": mode, "alpha": float(alpha), "beta": float(beta), "vae": vae, "dtype": dtype}
+    if method:
+        p["method"] = method
+    if params:
+        p["params"] = dict(params)
+    if seed is not None:
+        p["seed"] = int(seed)
     if model_a:
         p["model_a"] = model_a
     if m.models >= 2:
@@ -110,7 +211,7 @@ def build_params(model_a, model_b, model_c, mode, alpha, beta, use_blocks, weigh
     if use_blocks:
         arch = _arch(layout)
         p["weights"] = format_vector(parse_weights(weights_alpha, arch, float(alpha), "alpha weights"))
-        if m.uses_beta and weights_beta and weights_beta.strip():
+        if uses_beta(mode, method or "linear") and weights_beta and weights_beta.strip():
             p["weights_beta"] = format_vector(parse_weights(weights_beta, arch, float(beta), "beta weights"))
         subs = [s for s in (subtargets or []) if s != "all"]
         if subs and "all" not in (subtargets or []):
@@ -138,7 +239,12 @@ def create_tab():
             refresh = gr.Button(value="\U0001f504", elem_id="blockmerge_refresh", elem_classes=["tool"])
         with gr.Row():
             mode = gr.Radio(label="Merge mode", choices=list(MODES), value=default_mode, elem_id="blockmerge_mode")
+            method = gr.Dropdown(label="Method (how two tensors combine inside the mode)",
+                                 choices=methods_for(default_mode), value="linear", elem_id="blockmerge_method")
+            merge_seed_box = gr.Number(label="Merge seed (random weights, add_noise; -1 draws one)", value=-1,
+                                       precision=0, elem_id="blockmerge_merge_seed")
         mode_info = gr.Markdown(f"`{MODES[default_mode].formula}`", elem_id="blockmerge_formula")
+        param_groups, param_ctls = method_controls(param_owners(), "linear")
         with gr.Row():
             alpha = gr.Slider(minimum=-1, maximum=2, step=0.01, value=0.5, label="alpha", elem_id="blockmerge_alpha")
             beta = gr.Slider(minimum=-1, maximum=2, step=0.01, value=0.25, label="beta", elem_id="blockmerge_beta",
@@ -229,11 +335,22 @@ def create_tab():
         # -- wiring ----------------------------------------------------------------------------------------
         refresh.click(fn=lambda: [_checkpoint_update()] * 3, inputs=[], outputs=[model_a, model_b, model_c])
 
-        def on_mode(m, on, subs):
-            return [f"`{MODES[m].formula}`"] + beta_controls(m) + [gr.update(interactive=alpha_used(m, on, subs))]
+        def on_mode(m, on, subs, meth):
+            names = methods_for(m)
+            meth = meth if meth in names else "linear"
+            return ([f"`{MODES[m].formula}`"] + beta_controls(m, meth)
+                    + [gr.update(interactive=alpha_used(m, on, subs)), gr.update(choices=names, value=meth)]
+                    + show_group(param_groups, meth))
 
-        mode.change(fn=on_mode, inputs=[mode, use_blocks, subtargets],
-                    outputs=[mode_info, beta, weights_beta, editing, alpha])
+        mode.change(fn=on_mode, inputs=[mode, use_blocks, subtargets, method],
+                    outputs=[mode_info, beta, weights_beta, editing, alpha, method] + list(param_groups.values()))
+
+        def on_method(m, meth):
+            meth = meth or "linear"
+            return beta_controls(m, meth) + show_group(param_groups, meth)
+
+        method.change(fn=on_method, inputs=[mode, method],
+                      outputs=[beta, weights_beta, editing] + list(param_groups.values()))
 
         def on_use_blocks(on, subs, m):
             return [gr.update(interactive=bool(on))] * 26 + [gr.update(interactive=alpha_used(m, on, subs))]
@@ -317,17 +434,24 @@ def create_tab():
         delete_preset.click(fn=on_delete_preset, inputs=[preset_name, layout], outputs=[preset, status])
 
         common = [model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
-                  subtargets, elemental, dtype, vae]
+                  subtargets, elemental, dtype, vae, method, merge_seed_box] + [c for _, _, c in param_ctls]
+        n_base = 14  # build_params' positional UI fields; then method, seed box, the parameter controls
+
+        def request(model_a_v, args) -> dict[str, Any]:
+            """``common``'s values -> the request: build_params' fields, the method, its parameters, the seed."""
+            meth, box = args[n_base] or "linear", args[n_base + 1]
+            vals = param_values(meth, param_ctls, list(args[n_base + 2:]))
+            return build_params(model_a_v, *args[1:n_base], method=meth, params=vals, seed=merge_seed(box, meth))
 
         def do_test(info, *args):
             try:
-                params = build_params(None, *args[1:])
+                params = request(None, args)
                 res = SERVICE.test_merge(params)
             except MergeError as e:
-                return [gr.update(), gr.update(), status_html(str(e), True)]
+                return [gr.update(), gr.update(), gr.update(), status_html(str(e), True)]
             notes = ("; " + "; ".join(res["notes"])) if res["notes"] else ""
             marks = stale_preview(info, "Test merge") if res.get("written") else [gr.update(), gr.update()]
-            return marks + [status_html(res["message"] + notes)]
+            return marks + [recorded_seed(res), status_html(res["message"] + notes)]  # status last: _gpu_wrap
 
         def do_restore(info):
             try:
@@ -339,7 +463,7 @@ def create_tab():
 
         def do_save(name, over, *args):
             try:
-                p = build_params(None, *args[1:])
+                p = request(None, args)
                 res = SERVICE.save(name, bool(over), dtype=p.get("dtype"), vae=p.get("vae"))
             except MergeError as e:
                 return [gr.update(), gr.update(), gr.update(), status_html(str(e), True)]
@@ -349,13 +473,14 @@ def create_tab():
 
         def do_file_merge(name, over, *args):
             try:
-                p = build_params(*args)
+                p = request(args[0], args)
                 p["output"], p["overwrite"] = name, bool(over)
                 res = SERVICE.merge_file(p)
             except MergeError as e:
-                return [gr.update(), gr.update(), gr.update(), status_html(str(e), True)]
+                return [gr.update(), gr.update(), gr.update(), gr.update(), status_html(str(e), True)]
             upd = _checkpoint_update()
-            return [upd, upd, upd, status_html(f"wrote {res['name']} [{res['short_hash']}] in {res['seconds']:.1f} s")]
+            return [upd, upd, upd, recorded_seed(res),
+                    status_html(f"wrote {res['name']} [{res['short_hash']}] in {res['seconds']:.1f} s")]
 
         def do_preview(pr, neg, sd, st, w, h, smp, cf):
             try:
@@ -370,14 +495,14 @@ def create_tab():
                                                       else " with the original weights"))]
 
         gpu = _gpu_wrap
-        test_btn.click(fn=gpu(do_test, [image, infotext, status]), inputs=[infotext] + common,
-                       outputs=[image, infotext, status])
+        test_btn.click(fn=gpu(do_test, [image, infotext, merge_seed_box, status]), inputs=[infotext] + common,
+                       outputs=[image, infotext, merge_seed_box, status])
         restore_btn.click(fn=gpu(do_restore, [image, infotext, status]), inputs=[infotext],
                           outputs=[image, infotext, status])
         save_btn.click(fn=gpu(do_save, [model_a, model_b, model_c, status]), inputs=[output, overwrite] + common,
                        outputs=[model_a, model_b, model_c, status])
-        file_btn.click(fn=gpu(do_file_merge, [model_a, model_b, model_c, status]), inputs=[output, overwrite] + common,
-                       outputs=[model_a, model_b, model_c, status])
+        file_btn.click(fn=gpu(do_file_merge, [model_a, model_b, model_c, merge_seed_box, status]),
+                       inputs=[output, overwrite] + common, outputs=[model_a, model_b, model_c, merge_seed_box, status])
         preview_btn.click(fn=gpu(do_preview, [image, infotext, status]),
                           inputs=[prompt, negative, seed, steps, width, height, sampler, cfg],
                           outputs=[image, infotext, status])
@@ -388,7 +513,9 @@ def create_tab():
                                  "subtargets": subtargets, "elemental": elemental, "dtype": dtype, "vae": vae,
                                  "output": output, "overwrite": overwrite, "status": status, "image": image,
                                  "infotext": infotext, "editing": editing, "layout": layout,
-                                 "curve": curve, "buttons": [test_btn, preview_btn, restore_btn, save_btn, file_btn,
+                                 "curve": curve, "method": method, "merge_seed": merge_seed_box,
+                                 "param_groups": param_groups, "param_controls": param_ctls,
+                                 "buttons": [test_btn, preview_btn, restore_btn, save_btn, file_btn,
                                                              stop_btn]}
     return tab
 
