@@ -16,7 +16,8 @@ from dataclasses import fields
 from typing import Iterator
 
 from .errors import MergeError
-from .methods import METHODS, MODES, get_method
+from .methods import METHODS, MODES, params_for
+from .methods.params import check_declared
 from .options import DTYPE_CHOICES, VAE_CHOICES, choice_list
 
 EPILOG = """examples:
@@ -26,6 +27,7 @@ EPILOG = """examples:
   {prog} merge A.safetensors B.safetensors C.safetensors -o out.safetensors --mode add_difference --alpha 1
   {prog} merge A.safetensors B.safetensors -o out.safetensors --elemental "OUT03-OUT05:attn2:0.2"
   {prog} merge A.safetensors B.safetensors -o out.safetensors --method slerp --alpha 0.3
+  {prog} merge BASE.safetensors FT1.safetensors FT2.safetensors FT3.safetensors -o out.safetensors --mode ties -p density=0.2 --alpha 1
   {prog} methods
   {prog} merge --recipe recipe.yaml -o out.safetensors --weights GRAD_A
   {prog} inspect out.safetensors
@@ -36,7 +38,7 @@ MERGE_HELP = {
     "mode": "how the models combine (default weighted_sum): " + "; ".join(f"{m.name}: {m.formula}" for m in MODES.values()),
     "method": "how two tensors combine inside the mode (default linear: the mode's formula): "
               + ", ".join(METHODS) + "; see `methods`",
-    "param": "set a declared parameter of the method, NAME=VALUE (repeatable; see `methods`)",
+    "param": "set a declared parameter of the mode or method, NAME=VALUE (repeatable; see `methods`)",
     "alpha": "ratio of B (default 0.5); with a full weight vector or a preset it has no effect",
     "beta": "ratio of C for triple_sum / sum_twice (default 0.25)",
     "weights": "block weights for alpha: 26 values BASE,IN00..IN11,M00,OUT00..OUT11 (SDXL 20), "
@@ -78,11 +80,14 @@ def _common_options(top: bool) -> argparse.ArgumentParser:
 
 
 def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
-    p = sub.add_parser("merge", help="merge 1-3 models into a new .safetensors file", parents=[common],
-                       description="Merge A [B [C]] into OUT. no_interpolation takes A; weighted_sum, sigmoid and "
-                                   "inv_sigmoid take A B; add_difference, triple_sum and sum_twice take A B C.",
+    p = sub.add_parser("merge", help="merge models into a new .safetensors file", parents=[common],
+                       description="Merge A [B [C …]] into OUT. no_interpolation takes A; weighted_sum, sigmoid and "
+                                   "inv_sigmoid take A B; add_difference, triple_sum and sum_twice take A B C; "
+                                   "linear_combination, task_arithmetic, ties, dare, dare_ties, della and "
+                                   "geometric_median take A B and any more (A the base), model_stock A B C and "
+                                   "any more.",
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="*", metavar="MODEL", help="A [B [C]] (.safetensors, or .ckpt/.pt through a safe loader)")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="A [B [C …]] (.safetensors, or .ckpt/.pt through a safe loader)")
     p.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
     p.add_argument("--mode", choices=list(MODES), default=None, help=MERGE_HELP["mode"])
     p.add_argument("--method", choices=list(METHODS), default=None, help=MERGE_HELP["method"])
@@ -197,24 +202,25 @@ def merge_recipe(args):
         if v is not None:
             changes[f.name] = v
     if args.param_items:
-        method = get_method(changes.get("method", base.method))
-        given = dict(base.params) if method.name == base.method else {}
-        changes["params"] = {**given, **parse_params(method, args.param_items)}
+        mode, method = changes.get("mode", base.mode), changes.get("method", base.method)
+        given = dict(base.params) if (mode, method) == (base.mode, base.method) else {}
+        changes["params"] = {**given, **parse_params(mode, method, args.param_items)}
     return with_overrides(base, changes)
 
 
-def parse_params(method, items: list[str]) -> dict:
-    """``-p NAME=VALUE`` options, each parsed by the method's declaration of NAME."""
+def parse_params(mode: str, method: str, items: list[str]) -> dict:
+    """``-p NAME=VALUE`` options, each parsed by the mode's or the method's declaration of NAME."""
+    declared, owner = params_for(mode, method)
     out = {}
     for item in items:
         name, eq, text = item.partition("=")
         name = name.strip()
         if not eq or not name:
             raise MergeError(f"-p takes NAME=VALUE, -p {item!r}")
-        decl = method.param(name)
+        decl = next((p for p in declared if p.name == name), None)
         if decl is None:
-            method.check_params({name: None})  # raises: unknown parameter, naming the method's own
-        out[name] = decl.parse_text(text, f"method {method.name}, -p {item}")
+            check_declared(declared, {name: None}, owner)  # raises: unknown parameter, naming the declared ones
+        out[name] = decl.parse_text(text, f"{owner}, -p {item}")
     return out
 
 
@@ -273,9 +279,11 @@ def methods_text() -> str:
     """The ``methods`` listing, generated from the mode and method declarations."""
     lines = ["modes (--mode; the formula across models):"]
     for m in MODES.values():
-        takes = ["A", "A B", "A B C"][m.models - 1]
-        beta = ", uses beta" if m.uses_beta else ""
-        lines.append(f"  {m.name:<18} {m.formula}  [models: {takes}{beta}]")
+        extra = "".join([", uses beta" if m.uses_beta else "", ", whole tensors" if not m.elementwise else "",
+                         ", seeded" if m.seeded else ""])
+        lines.append(f"  {m.name:<18} {m.formula}  [models: {m.models_text()}{extra}]")
+        for p in m.params:
+            lines.append(f"      -p {p.describe()}")
     lines.append("methods (--method; how two tensors combine inside a mode; -p NAME=VALUE sets a parameter):")
     for meth in METHODS.values():
         modes = "every mode" if meth.modes is None else ", ".join(meth.modes)

@@ -15,6 +15,7 @@ from .io.filesink import FileSink, check_device, data_bytes, prepare_output
 from .metadata import InputFile, build_metadata, file_name, output_stem
 from .plan import Plan, build_plan
 from .recipe import Recipe, as_recipe, check_path_text
+from .roles import ROLE_LETTERS
 from .io.sources import Source, open_source
 
 
@@ -88,7 +89,7 @@ def merge_to_file(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite
                   cancel: Callable[[], bool] | None = None, locate: dict[str, str] | None = None,
                   output_name: str | None = None, metadata: dict[str, str] | None = None) -> MergeResult:
     """Merge to ``output``. Inputs may be str or Path, relative or absolute: the metadata records their file
-    names and sha256 only. ``locate`` maps a role ("a", "b", "c", "vae") to where that input is now (the
+    names and sha256 only. ``locate`` maps a role ("a", "b", "c", …, "vae") to where that input is now (the
     recipe's entry then only gives the recorded name), ``output_name`` is the name
     recorded in the metadata (default: the output's stem), and ``metadata`` replaces the metadata built here
     (reproduce of a file written with an older metadata layout). ``recipe`` may be a ``Recipe`` or a dict in
@@ -101,7 +102,7 @@ def merge_to_file(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite
     check_device(device)
     locate = locate or {}
     recorded = [os.fspath(m) for m in recipe.models]
-    paths = [Path(locate.get(role, m)) for role, m in zip("abc", recorded)]
+    paths = [Path(locate.get(role, m)) for role, m in zip(ROLE_LETTERS, recorded)]
     vae_rec = os.fspath(recipe.bake_vae) if recipe.bake_vae else None
     vae_path = Path(locate.get("vae", vae_rec)) if vae_rec else None
     out = check_output_path(output, paths + ([vae_path] if vae_path else []), overwrite)
@@ -110,7 +111,7 @@ def merge_to_file(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite
         bake = stack.enter_context(open_source(vae_path)) if vae_path else None
         plan = build_plan(recipe, sources, bake)
         plan.report.notes.extend(prepare_output(out, data_bytes(plan)))
-        inputs = [_input(role, rec, src, progress) for role, rec, src in zip("abc", recorded, sources)]
+        inputs = [_input(role, rec, src, progress) for role, rec, src in zip(ROLE_LETTERS, recorded, sources)]
         if bake is not None:
             inputs.append(_input("vae", vae_rec, bake, progress))
         if metadata is None:

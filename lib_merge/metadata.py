@@ -20,7 +20,7 @@ WEBUI_INTERP = {"weighted_sum": "Weighted sum", "add_difference": "Add differenc
 
 @dataclass(frozen=True)
 class InputFile:
-    role: str  # "a" | "b" | "c" | "vae"
+    role: str  # "a", "b", "c", … (roles.role) or "vae"
     name: str  # file name with its extension, no folder ("model.safetensors")
     sha256: str
     legacy_hash: str
@@ -49,7 +49,7 @@ def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, re
                    is_inpainting: bool, is_pix2pix: bool, save_as_half: bool) -> dict[str, str]:
     """All values are strings (safetensors requires it). Deterministic: no timestamps. ``save_as_half``: every
     written float tensor is fp16 (what the WebUI's flag means, whatever the dtype option said)."""
-    models = [i for i in inputs if i.role in ("a", "b", "c")]
+    models = [i for i in inputs if i.role != "vae"]
     hashes = [m.sha256 for m in models] + [None] * (3 - len(models))
     vae = next((i for i in inputs if i.role == "vae"), None)
     sd_recipe = {

@@ -12,6 +12,7 @@ from .elemental import apply_rules, parse_rules
 from .errors import MergeError
 from .methods import Formula, Mode, bind, get_mode
 from .recipe import Recipe
+from .roles import label
 from .io.sources import Source, TensorInfo
 from .weights import parse_weights_info
 
@@ -71,7 +72,7 @@ class Plan:
     report: Report
     mode: Mode
     formula: Formula  # the mode bound to the recipe's method and parameters: what the sinks compute
-    order: tuple[int, ...] = (0, 1, 2)  # plan role i reads input order[i]: (1, 0) with --swap-ab
+    order: tuple[int, ...] = (0, 1, 2)  # plan role i reads input order[i]: (1, 0, …) with --swap-ab
     seed: int | None = None  # the seed random ratios were drawn with (the recipe's, or one drawn here)
     random: dict | None = None  # the seed and every drawn number (Dice.record), for the metadata
 
@@ -79,7 +80,7 @@ class Plan:
         return {k.key: k for k in self.keys}
 
     def arrange(self, items: list) -> list:
-        """``items`` given in the recipe's order (A, B, C), put in the plan's order (what the sink reads)."""
+        """``items`` given in the recipe's order (A, B, C, …), put in the plan's order (what the sink reads)."""
         return [items[i] for i in self.order[: len(items)]]
 
 
@@ -175,7 +176,7 @@ def _order(recipe: Recipe, sources: list[Source], detected: list[Detected]) -> t
         if recipe.swap_ab:
             raise MergeError(f"--swap-ab would make the {d.variant} model B ({d.in_channels}-channel first conv); "
                              f"it is A already: drop --swap-ab, {sources[i].path}")
-        raise MergeError(f"model {'ABC'[role]} is the {d.variant} model ({d.in_channels}-channel first conv) "
+        raise MergeError(f"model {label(role)} is the {d.variant} model ({d.in_channels}-channel first conv) "
                          f"and A is not: put it first (or use --swap-ab), {sources[i].path}")
     return order
 
@@ -196,7 +197,7 @@ class _Usage:
 def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = None) -> Plan:
     recipe.validate()
     mode = get_mode(recipe.mode)
-    formula = bind(recipe.mode, recipe.method, recipe.params, recipe.seed)
+    formula = bind(recipe.mode, recipe.method, recipe.params, recipe.seed, len(sources))
     given = [detect(s.shapes(), str(s.path)) for s in sources]
     report = Report()
     for s, d in zip(sources[1:], given[1:]):
@@ -231,7 +232,7 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
     use = _Usage()
 
     a = sources[0]
-    others = sources[1:mode.models]
+    others = sources[1:formula.models]
     out_st = OUTPUT_DTYPES[recipe.dtype]
     keys: list[KeyPlan] = []
     b_only: list[str] = []
@@ -271,7 +272,7 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
         if part == "vae" and bake_keys:
             plan("bake_vae", shape=bake_vae.infos[bake_keys[key]].shape)
             continue
-        if mode.models == 1 or is_never_merged(key) or not is_float(info.dtype):
+        if formula.models == 1 or is_never_merged(key) or not is_float(info.dtype):
             plan("copy_a")
             continue
         if part == "vae" and recipe.vae != "merge":
@@ -314,7 +315,7 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
             if problem:
                 raise MergeError(f"{formula.name}: {problem}, block {block} key {key}")
         _count_ratios(use, mode, key, block, ratio, beta)
-        use.alpha_used |= alpha_plain
+        use.alpha_used |= alpha_plain and formula.mode.per_key_ratio
         use.beta_used |= beta_plain and formula.uses_beta
         plan("merge", channels=channels)
 
@@ -323,7 +324,7 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
         for key in sorted(b_only):
             binfo = b.infos[key]
             keys.append(KeyPlan(key, "copy_b", block_of(key, arch, legacy), 0.0, 0.0, out_dtype(binfo), binfo.shape))
-    if (include is not None or exclude is not None) and mode.models > 1 and not use.merged:
+    if (include is not None or exclude is not None) and formula.models > 1 and not use.merged:
         parts = " ".join(f"--{n} {v!r}" for n, v in (("include", recipe.include), ("exclude", recipe.exclude)) if v)
         raise MergeError(f"--include/--exclude leave nothing to merge (every key would be A's), {parts}")
     report.notes.extend(_ratio_notes(recipe, formula, rules, use, alpha_v, beta_v))
@@ -374,6 +375,8 @@ def _ratio_notes(recipe: Recipe, mode: Formula, rules: list, use: _Usage,
     if alpha_given and not use.alpha_used:
         if mode.models == 1:
             why = f"{mode.name} takes A only"
+        elif not mode.mode.per_key_ratio:
+            why = f"{mode.name} weighs the models by model_weights"
         elif alpha_v is not None and not alpha_v.base_from_ratio:
             why = "the block weights set every block, BASE included"
         else:

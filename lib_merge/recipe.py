@@ -17,6 +17,7 @@ from typing import Any, Callable
 from .dice import check_seed, is_token
 from .errors import MergeError
 from .methods import bind, get_method, get_mode
+from .roles import MAX_MODELS
 from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
 
 RECIPE_VERSION = 2  # 2: method and params; version 1 (neither) still loads, as method linear
@@ -27,7 +28,7 @@ MAX_RECIPE_FILE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything nea
 
 @dataclass
 class Recipe:
-    models: list[str] = field(default_factory=list)  # paths of A, B, C (as many as the mode takes)
+    models: list[str] = field(default_factory=list)  # paths of A, B, C, … (as many as the mode takes)
     mode: str = "weighted_sum"
     alpha: float = 0.5
     beta: float = 0.25
@@ -55,11 +56,17 @@ class Recipe:
 
     def validate(self) -> None:
         m = get_mode(self.mode)
-        bind(self.mode, self.method, self.params, self.seed)  # the method pairs with the mode, params are declared ones
-        if len(self.models) != m.models:
-            names = "A" if m.models == 1 else "A B" if m.models == 2 else "A B C"
-            raise MergeError(f"mode {self.mode} takes {m.models} model{'s' if m.models > 1 else ''} ({names}), "
-                             f"got {len(self.models)}")
+        if not m.takes(len(self.models)) or len(self.models) > MAX_MODELS:
+            count = f"{m.models} or more (at most {MAX_MODELS})" if m.variadic else str(m.models)
+            raise MergeError(f"mode {self.mode} takes {count} model{'s' if m.models > 1 else ''} "
+                             f"({m.models_text()}), got {len(self.models)}")
+        # the method pairs with the mode, params are the declared ones, the mode takes this many models
+        bind(self.mode, self.method, self.params, self.seed, len(self.models))
+        if not m.per_key_ratio:
+            given = [f"--{n.replace('_', '-')}" for n in ("weights", "preset", "elemental") if getattr(self, n)]
+            if given:
+                raise MergeError(f"mode {self.mode} reads no per-key ratio: block weights and elemental rules do "
+                                 f"not apply, {given[0]}")
         check_choice("dtype", self.dtype, DTYPE_CHOICES)
         check_choice("vae", self.vae, VAE_CHOICES)
         if self.vae == "b" and m.models < 2:
@@ -200,9 +207,11 @@ def _params(key: str, v: Any, origin: str) -> dict[str, Any]:
     for name, value in v.items():
         if not isinstance(name, str):
             raise MergeError(f"{key} names must be strings (got {_got(name)}), {origin}")
-        if not isinstance(value, (bool, int, float)):
-            raise MergeError(f"{key} {name} must be a number or true/false (got {_got(value)}), {origin}")
-    return dict(v)
+        ok = isinstance(value, (bool, int, float)) or (isinstance(value, (list, tuple)) and all(_is_number(x) for x in value))
+        if not ok:
+            raise MergeError(f"{key} {name} must be a number, true/false or a list of numbers (got {_got(value)}), "
+                             f"{origin}")
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in v.items()}
 
 
 def _as_is(key: str, v: Any, origin: str) -> Any:

@@ -19,10 +19,11 @@ from .errors import MergeError
 from .merge import merge_to_file
 from .metadata import file_name, output_stem
 from .recipe import RECIPE_VERSION, Recipe
+from .roles import ROLE_LETTERS
 from .io.sources import open_source
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-ROLES = ("a", "b", "c", "vae")
+ROLES = (*ROLE_LETTERS, "vae")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 Progress = Callable[[str, int, int], None]
@@ -78,7 +79,7 @@ def _recorded_inputs(data: dict, src: Path) -> dict[str, dict]:
 
 
 def _wanted(recipe: Recipe, inputs: dict[str, dict]) -> list[Wanted]:
-    pairs = list(zip("abc", recipe.models)) + ([("vae", recipe.bake_vae)] if recipe.bake_vae else [])
+    pairs = list(zip(ROLE_LETTERS, recipe.models)) + ([("vae", recipe.bake_vae)] if recipe.bake_vae else [])
     return [Wanted(role, rec, inputs.get(role, {}).get("sha256")) for role, rec in pairs]
 
 

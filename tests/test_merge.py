@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from lib_merge.methods import bind
 from lib_merge.methods.modes import MODES
 
 from conftest import f32, load
@@ -81,14 +82,16 @@ def test_identity_ratios_give_a_bit_exact(name):
     """The live sink skips keys where ``is_identity``: the formula must yield A itself there (ratio 0 for every
     mode), and must not where a ratio moves the weights."""
     m = MODES[name]
+    n = 3 if m.variadic else m.models
+    f = bind(name, "linear", {}, seed=1, models=n)
     g = torch.Generator().manual_seed(0)
-    assert m.is_identity(0.0, 0.0)
+    assert f.is_identity(0.0, 0.0) == m.per_key_ratio  # linear_combination reads no ratio
     for alpha in (0.0, 0.3, 1.0):
         for beta in (0.0, 0.2):
-            a, b, c = (torch.randn(64, generator=g) for _ in range(3))
-            a0 = a.clone()
-            out = m.fn(a, b if m.models > 1 else None, c if m.models > 2 else None, alpha, beta)
-            assert m.is_identity(alpha, beta) == torch.equal(out, a0), (name, alpha, beta)
+            ins = [torch.randn(64, generator=g) for _ in range(n)]
+            a0 = ins[0].clone()
+            out = f.compute_all(ins, alpha, beta, "k.weight")
+            assert f.is_identity(alpha, beta) == torch.equal(out, a0), (name, alpha, beta)
 
 
 def test_mode_wrong_model_count(models, out_dir):

@@ -334,10 +334,11 @@ def test_cli_method_and_params(models, tmp_path):
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [msg], r.stderr
 
 
-def test_extract_refuses_ratios_outside_unit_and_swap_ab_needs_a_symmetric_method(models):
+def test_extract_refuses_ratios_outside_unit_and_swap_ab_needs_a_symmetric_method(models, tmp_path):
     names = [str(models[n]) for n in ("sd15_a", "sd15_b", "sd15_c")]
     with pytest.raises(MergeError, match=r"^add_difference/extract: ratio 1.5 is outside \[0, 1\], block BASE key "):
-        merge_to_file(Recipe(models=names, mode="add_difference", method="extract", alpha=1.5), "/nonexistent/x.safetensors")
+        merge_to_file(Recipe(models=names, mode="add_difference", method="extract", alpha=1.5), tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
     with pytest.raises(MergeError, match=r"^--swap-ab works with the linear and slerp methods only, not tensor_swap$"):
         Recipe(models=names[:2], method="tensor_swap", swap_ab=True).validate()
     Recipe(models=names[:2], method="slerp", swap_ab=True).validate()

@@ -332,6 +332,42 @@ def test_api_method_live_merge_equals_file_merge(client, webui):
     assert any(not torch.equal(live[k], linear[k]) for k in live)  # and slerp is not the linear merge
 
 
+def test_api_variadic_mode_takes_more_models_live_and_to_file(client, webui):
+    """ties over A B C D through the API (more_models after model_c): the live merge equals the file merge."""
+    from safetensors.torch import load_file
+    body = {"model_b": "synthB", "model_c": "synthC", "more_models": ["synthB"], "mode": "ties", "alpha": 1.0,
+            "params": {"density": 0.5}}
+    r = client.post("/blockmerge/v1/test", json=body)
+    assert r.status_code == 200, r.json()
+    recipe = client.get("/blockmerge/v1/recipe").json()["recipe"]
+    assert recipe["mode"] == "ties" and len(recipe["models"]) == 4 and recipe["params"] == {"density": 0.5}
+    live = client.post("/blockmerge/v1/save", json={"output": "ties-live", "dtype": "fp32"})
+    file = client.post("/blockmerge/v1/merge", json={**body, "model_a": "synthA", "output": "ties-file", "vae": "a",
+                                                     "dtype": "fp32"})
+    assert live.status_code == 200 and file.status_code == 200, (live.json(), file.json())
+    x, y = load_file(live.json()["path"]), load_file(file.json()["path"])
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("body,detail", [
+    ({"model_b": "synthB", "more_models": ["synthC"]}, "mode weighted_sum takes A B only, more_models"),
+    ({"model_b": "synthB", "mode": "ties", "more_models": "synthC,nope"}, None),
+    ({"model_b": "synthB", "mode": "ties", "more_models": [3]},
+     "more_models must be a list of checkpoint names, more_models: [3]"),
+    ({"model_b": "synthB", "mode": "model_stock"}, "mode model_stock needs model_c, model_c"),
+    ({"model_b": "synthB", "mode": "ties", "params": {"density": 2}},
+     "parameter density must lie in [0, 1] (got 2.0), mode ties"),
+    ({"model_b": "synthB", "mode": "dare"}, "mode dare draws random numbers: give a seed, seed"),
+])
+def test_api_variadic_mode_errors_name_the_field(client, body, detail):
+    r = client.post("/blockmerge/v1/test", json=body)
+    assert r.status_code in (404, 422), r.json()
+    if detail is None:
+        assert "nope" in r.json()["detail"] and "more_models[1]" in r.json()["detail"]
+    else:
+        assert r.json()["detail"] == detail
+
+
 @pytest.mark.parametrize("body,detail", [
     ({"model_b": "synthB", "method": "bogus"},
      "unknown method 'bogus', choose one of linear, slerp, train_difference, tensor_swap, tensor_swap_dim1, extract, "
@@ -340,7 +376,7 @@ def test_api_method_live_merge_equals_file_merge(client, webui):
     ({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "extract", "params": {"gama": 1}},
      "unknown parameter 'gama' for method extract (it takes gamma), params gama"),
     ({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "extract",
-      "params": {"gamma": "x"}}, "params gamma must be a number or true/false (got str 'x'), params"),
+      "params": {"gamma": "x"}}, "params gamma must be a number, true/false or a list of numbers (got str 'x'), params"),
     ({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "extract",
       "params": {"gamma": -1}}, "parameter gamma must lie in [0, inf] (got -1.0), method extract"),
     ({"model_b": "synthB", "params": [1]}, "params must be an object of parameter names and values (got list [1]), "
@@ -387,9 +423,11 @@ def test_method_axes_are_checked_before_the_first_cell(webui):
     opt["BlockMerge: method"].confirm(None, ["linear", "extract"])
     with pytest.raises(MergeError, match=r"^unknown method 'bogus'"):
         opt["BlockMerge: method"].confirm(None, ["linear", "bogus"])
-    with pytest.raises(MergeError, match=r"^no method takes parameter 'density' \(declared: gamma \(extract\)\), "
-                                         r"BlockMerge: method parameter 'density=0.1'$"):
-        opt["BlockMerge: method parameter"].confirm(None, ["density=0.1"])
+    with pytest.raises(MergeError, match=r"^no mode or method takes parameter 'bogus' \(declared: gamma \(method "
+                                         r"extract\), .*density \(mode ties\).*\), BlockMerge: method parameter "
+                                         r"'bogus=0.1'$"):
+        opt["BlockMerge: method parameter"].confirm(None, ["bogus=0.1"])
+    opt["BlockMerge: method parameter"].confirm(None, ["density=0.1"])  # the ties family's (a mode's parameter)
     with pytest.raises(MergeError, match=r"^parameter gamma must be a number \(got 'x'\), method extract, "
                                          r"BlockMerge: method parameter 'gamma=x'$"):
         opt["BlockMerge: method parameter"].confirm(None, ["gamma=x"])

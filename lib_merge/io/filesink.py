@@ -32,6 +32,7 @@ from ..dtypes import ITEMSIZE, ST_TO_TORCH
 from ..errors import InternalError, MergeError, MergeInterrupted
 from ..finite import InputReader, NonFinite
 from ..plan import KeyPlan, Plan
+from ..roles import label
 from .sources import Source
 
 CHUNK_ELEMS = int(os.environ.get("BLOCKMERGE_CHUNK", 1 << 19))  # elements per chunk: small enough to stay in cache
@@ -204,9 +205,50 @@ class _Pool:
 
 
 class _Scratch(threading.local):
+    """Per-thread read and fp32 buffers, one per input (grown to the inputs a task reads)."""
+
     def __init__(self):
-        self.raw = [torch.empty(BUF_BYTES, dtype=torch.uint8) for _ in range(3)]
-        self.f32 = [torch.empty(CHUNK_ELEMS, dtype=torch.float32) for _ in range(3)]
+        self.raw: list[torch.Tensor] = []
+        self.f32: list[torch.Tensor] = []
+
+    def ensure(self, n: int) -> "_Scratch":
+        while len(self.raw) < n:
+            self.raw.append(torch.empty(BUF_BYTES, dtype=torch.uint8))
+            self.f32.append(torch.empty(CHUNK_ELEMS, dtype=torch.float32))
+        return self
+
+
+WHOLE_BUDGET = 1 << 30  # bytes of whole-tensor working memory the threads may hold at once
+
+
+class _Budget:
+    """Bounds the working memory of whole-tensor tasks across threads: a task waits while others hold its
+    share of the budget; one larger than the budget runs alone. (Chunked tasks use fixed scratch buffers.)"""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.budget:
+                self.cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def whole_bytes(kp: KeyPlan, inputs: int) -> int:
+    """Working memory of one whole-tensor task, estimated: fp32 copies of every input and of a few
+    intermediates (a task vector's sign, sum and count; a top-k's magnitudes)."""
+    n = 1
+    for d in kp.shape:
+        n *= d
+    return 4 * n * (inputs + 4)
 
 
 def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[KeyPlan], int]) -> list[_Task]:
@@ -235,6 +277,7 @@ class FileSink:
         self.metadata = metadata
         self.threads = max(1, threads or min(os.cpu_count() or 1, 4))
         self.device = check_device(device)
+        self.budget = _Budget(WHOLE_BUDGET)
         self.nonfinite = NonFinite()  # NaN/Inf found while writing; notes added to plan.report at the end
         self.bake_map: dict[str, str] = {}
         if bake is not None:
@@ -253,7 +296,7 @@ class FileSink:
     def _input_readers(self, kp: KeyPlan) -> list[InputReader]:
         """The inputs a key's values come from (read again only when its output chunk holds NaN/Inf)."""
         if kp.action == "merge":
-            srcs = [("ABC"[i], s, kp.key) for i, s in enumerate(self.sources[: self.plan.mode.models])]
+            srcs = [(label(i), s, kp.key) for i, s in enumerate(self.sources[: self.plan.formula.models])]
         else:
             src, key = self._src_for(kp)
             role = {"copy_a": "A", "copy_b": "B"}.get(kp.action, "VAE")
@@ -263,7 +306,7 @@ class FileSink:
 
     def _in_itemsize(self, kp: KeyPlan) -> int:
         if kp.action == "merge":
-            srcs = [(s, kp.key) for s in self.sources[: self.plan.mode.models]]
+            srcs = [(s, kp.key) for s in self.sources[: self.plan.formula.models]]
         else:
             srcs = [self._src_for(kp)]
         return max(ITEMSIZE[s.infos[k].dtype] for s, k in srcs)
@@ -274,19 +317,25 @@ class FileSink:
         out_t = ST_TO_TORCH[kp.out_dtype]
         nbytes = task.elem_count * ITEMSIZE[kp.out_dtype]
         if task.whole:
-            tensors = [s.read(kp.key) for s in self.sources[: self.plan.mode.models]]
-            res = merge_tensors(self.plan.formula, kp, tensors, device=self.device)
-            return res.to(device="cpu", dtype=out_t).reshape(-1).view(torch.uint8)
+            srcs = self.sources[: self.plan.formula.models]
+            need = whole_bytes(kp, len(srcs))
+            self.budget.acquire(need)
+            try:
+                res = merge_tensors(self.plan.formula, kp, [s.read(kp.key) for s in srcs], device=self.device)
+                return res.to(device="cpu", dtype=out_t).reshape(-1).view(torch.uint8)
+            finally:
+                self.budget.release(need)  # the fp32 temporaries are gone: only the output-dtype result is kept
         if kp.action != "merge":
             src, key = self._src_for(kp)
             info = src.infos[key]
             if info.dtype == kp.out_dtype:
                 return src.read_bytes_into(key, out, task.elem_start, task.elem_count).view(torch.uint8)
-            t = src.read_bytes_into(key, scratch.raw[0], task.elem_start, task.elem_count)
+            t = src.read_bytes_into(key, scratch.ensure(1).raw[0], task.elem_start, task.elem_count)
             view = out[:nbytes].view(out_t)
             view.copy_(t)
             return out[:nbytes]
-        srcs = self.sources[: self.plan.mode.models]
+        srcs = self.sources[: self.plan.formula.models]
+        scratch.ensure(len(srcs))
         tensors = [s.read_bytes_into(kp.key, scratch.raw[i], task.elem_start, task.elem_count)
                    for i, s in enumerate(srcs)]
         if self.device.type == "cpu":

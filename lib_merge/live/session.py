@@ -157,11 +157,11 @@ class LiveSession:
         with self._state:
             return [k for k, v in self.signatures.items() if v != ORIGINAL]
 
-    def _scratch(self, device: torch.device) -> list[torch.Tensor]:
-        bufs = self._scratch_bufs.get(str(device))
-        if bufs is None:
-            bufs = [torch.empty(CHUNK, dtype=torch.float32, device=device) for _ in range(3)]
-            self._scratch_bufs[str(device)] = bufs
+    def _scratch(self, device: torch.device, n: int = 3) -> list[torch.Tensor]:
+        """At least ``n`` fp32 chunk buffers on ``device`` (one per input of the formula)."""
+        bufs = self._scratch_bufs.setdefault(str(device), [])
+        while len(bufs) < n:
+            bufs.append(torch.empty(CHUNK, dtype=torch.float32, device=device))
         return bufs
 
     # -- one key --------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class LiveSession:
         with torch.no_grad():
             flat = param.view(-1)
             n = flat.numel()
-            scratch = self._scratch(param.device)
+            scratch = self._scratch(param.device, len(caches))
             whole = sig != ORIGINAL and (kp.channels is not None or not formula.elementwise)
             if whole or (sig == ORIGINAL and not check):
                 if check:

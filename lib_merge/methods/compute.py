@@ -24,10 +24,9 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
         a = tensors[0].to(device=device, dtype=torch.float32, copy=True)
         parts = [a[:, :kp.channels].clone()] + [t[:, :kp.channels].to(device=device, dtype=torch.float32, copy=True)
                                                 for t in tensors[1:]]
-        parts += [None] * (3 - len(parts))
-        a[:, :kp.channels] = formula.compute(parts[0], parts[1], parts[2], kp.alpha, kp.beta, kp.key)
+        a[:, :kp.channels] = formula.compute_all(parts, kp.alpha, kp.beta, kp.key)
         return a
-    ins: list[Tensor | None] = []
+    ins: list[Tensor] = []
     for i, t in enumerate(tensors):
         if scratch is not None:
             buf = scratch[i][: t.numel()].view(t.shape)
@@ -36,5 +35,4 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
             ins.append(buf)
         else:
             ins.append(t.to(device=device, dtype=torch.float32, copy=True))
-    ins += [None] * (3 - len(ins))
-    return formula.compute(ins[0], ins[1], ins[2], kp.alpha, kp.beta, kp.key)
+    return formula.compute_all(ins, kp.alpha, kp.beta, kp.key)

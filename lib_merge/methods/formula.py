@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import MergeError
 from .modes import Mode, get_mode
+from .params import Param, check_declared
 from .registry import Method, get_method
 
 if TYPE_CHECKING:
@@ -20,8 +21,9 @@ if TYPE_CHECKING:
 class Formula:
     mode: Mode
     method: Method
-    params: tuple[tuple[str, Any], ...]  # every declared parameter of the method, defaults filled in
+    params: tuple[tuple[str, Any], ...]  # every declared parameter of the mode and the method, defaults filled in
     seed: int | None = None
+    n: int = 0  # how many models it reads (0: the mode's own count)
 
     @property
     def name(self) -> str:
@@ -29,7 +31,11 @@ class Formula:
 
     @property
     def models(self) -> int:
-        return self.mode.models
+        return self.n or self.mode.models
+
+    @property
+    def seeded(self) -> bool:
+        return self.mode.seeded or self.method.seeded
 
     @property
     def uses_beta(self) -> bool:
@@ -56,7 +62,16 @@ class Formula:
             return self.mode.is_identity(alpha, beta)
         return self.method.keeps_a is not None and self.method.keeps_a(alpha, beta)
 
+    def compute_all(self, tensors: list[Tensor], alpha: float, beta: float, key: str) -> Tensor:
+        """The key's fp32 result from its inputs (A first), any number of them."""
+        if self.mode.variadic:
+            return self.mode.fn(tensors, alpha, beta, dict(self.params), key, self.key_seed(key))
+        ins = list(tensors) + [None] * (3 - len(tensors))
+        return self.compute(ins[0], ins[1], ins[2], alpha, beta, key)
+
     def compute(self, a: Tensor, b: Tensor | None, c: Tensor | None, alpha: float, beta: float, key: str) -> Tensor:
+        if self.mode.variadic:
+            return self.compute_all([t for t in (a, b, c) if t is not None], alpha, beta, key)
         if self.method.fn is None:
             return self.mode.fn(a, b, c, alpha, beta)
         return self.method.fn(a, b, c, alpha, beta, dict(self.params), key, self.key_seed(key))
@@ -64,7 +79,7 @@ class Formula:
     def key_seed(self, key: str) -> int | None:
         """The seed of ``key``'s generator: the recipe's seed plus a stable hash of the key name (never
         Python's ``hash``, which changes per process), so draws depend on neither order nor threads."""
-        if not self.method.seeded or self.seed is None:
+        if not self.seeded or self.seed is None:
             return None
         return (self.seed + zlib.crc32(key.encode("utf-8"))) % (1 << 63)
 
@@ -76,12 +91,34 @@ class Formula:
         return (self.mode.name, self.method.name, self.params, self.key_seed(kp.key), sources[: self.models], values)
 
 
+def declared(mode: Mode, method: Method) -> tuple[Param, ...]:
+    """The parameters a mode bound to a method takes: the mode's, then the method's."""
+    return mode.params + method.params
+
+
+def owner(mode: Mode, method: Method) -> str:
+    """How messages name what takes the parameters: "method slerp", "mode ties"."""
+    return f"method {method.name}" if method.fn is not None or not mode.params else f"mode {mode.name}"
+
+
+def params_for(mode: str, method: str) -> tuple[tuple[Param, ...], str]:
+    """The parameters ``mode`` with ``method`` takes, and how messages name their owner."""
+    m, meth = get_mode(mode), get_method(method)
+    return declared(m, meth), owner(m, meth)
+
+
 def bind(mode: str, method: str = "linear", params: Mapping[str, Any] | None = None,
-         seed: int | None = None) -> Formula:
-    """Check that ``method`` combines with ``mode`` and that ``params`` are its declared ones; bind them."""
+         seed: int | None = None, models: int | None = None) -> Formula:
+    """Check that ``method`` combines with ``mode``, that ``params`` are their declared ones and, given
+    ``models`` (the count of inputs), that the mode takes that many; bind them."""
     m = get_mode(mode)
     meth = get_method(method)
     meth.check_mode(mode)
-    if meth.seeded and seed is None:
-        raise MergeError(f"method {meth.name} draws random numbers: give a seed, --seed")
-    return Formula(m, meth, meth.check_params(params or {}), seed)
+    values = check_declared(declared(m, meth), params or {}, owner(m, meth))
+    if (m.seeded or meth.seeded) and seed is None:
+        raise MergeError(f"{owner(m, meth)} draws random numbers: give a seed, --seed")
+    if models is not None and m.check_models is not None:
+        problem = m.check_models(dict(values), models)
+        if problem:
+            raise MergeError(f"mode {m.name}: {problem}")
+    return Formula(m, meth, values, seed, models if m.variadic and models else 0)

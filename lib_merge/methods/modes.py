@@ -1,7 +1,9 @@
 """Merge modes: the formula across models. Adding one is a single decorated function.
 
 A mode function gets fp32 tensors ``a``, ``b``, ``c`` (``None`` when the mode takes fewer models) and the
-key's final ratios ``alpha`` and ``beta``. The inputs are scratch buffers owned by the engine: a function may
+key's final ratios ``alpha`` and ``beta``. A variadic mode (any number of models, A the base: task arithmetic,
+TIES, …) gets the list of tensors, the ratios, its declared parameters, the key and the key's seed instead
+(``methods/taskvec.py``). The inputs are scratch buffers owned by the engine: a function may
 overwrite them and return one of them. Shortcuts (ratio 0 or 1) live here so that file merges and live
 merges give the same numbers.
 """
@@ -9,29 +11,45 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from torch import Tensor
 
 from ..errors import MergeError
+from .params import Param
 
 ModeFn = Callable[[Tensor, Optional[Tensor], Optional[Tensor], float, float], Tensor]
+VariadicFn = Callable[[list[Tensor], float, float, Mapping[str, Any], str, Optional[int]], Tensor]
 
 
 @dataclass(frozen=True)
 class Mode:
     name: str
-    models: int  # how many models it takes (A, B, C)
+    models: int  # how many models it takes (A, B, C); a variadic mode: the fewest
     uses_beta: bool
     elementwise: bool  # may be computed chunk by chunk
     formula: str
-    fn: ModeFn
+    fn: ModeFn | VariadicFn
     check_ratio: Callable[[float], Optional[str]] | None = None
     keeps_a: Callable[[float, float], bool] | None = None  # True where fn returns A untouched (its shortcut)
+    variadic: bool = False  # takes ``models`` or more models, the tensors as a list
+    params: tuple[Param, ...] = ()  # declared parameters (variadic modes)
+    seeded: bool = False  # draws random numbers from the recipe's seed
+    per_key_ratio: bool = True  # False: alpha is not read, so block weights and elemental rules are refused
+    check_models: Callable[[Mapping[str, Any], int], Optional[str]] | None = None  # params vs the model count
 
     def is_identity(self, alpha: float, beta: float) -> bool:
         """The result is A itself for these ratios: a live merge need not touch (or cache) the key."""
         return self.models == 1 or (self.keeps_a is not None and self.keeps_a(alpha, beta))
+
+    def takes(self, n: int) -> bool:
+        """``n`` models are what this mode takes."""
+        return n >= self.models if self.variadic else n == self.models
+
+    def models_text(self) -> str:
+        """"A B", "A B C", or "A B [C …]" for a variadic mode."""
+        from ..roles import labels
+        return f"{labels(self.models)} [{'C' if self.models == 2 else 'D'} …]" if self.variadic else labels(self.models)
 
 
 MODES: dict[str, Mode] = {}
@@ -44,6 +62,19 @@ def mode(name: str, models: int, formula: str, uses_beta: bool = False, elementw
     returns its ``a`` input unchanged."""
     def deco(fn: ModeFn) -> ModeFn:
         MODES[name] = Mode(name, models, uses_beta, elementwise, formula, fn, check_ratio, keeps_a)
+        return fn
+    return deco
+
+
+def variadic_mode(name: str, models: int, formula: str, params: tuple[Param, ...] = (), elementwise: bool = False,
+                  seeded: bool = False, per_key_ratio: bool = True,
+                  check_models: Callable[[Mapping[str, Any], int], Optional[str]] | None = None):
+    """Register a mode over any number (``models`` or more) of models, A the base. Its function returns A
+    untouched when alpha is 0 (unless it reads no per-key ratio)."""
+    def deco(fn: VariadicFn) -> VariadicFn:
+        keeps = _alpha_zero if per_key_ratio else None
+        MODES[name] = Mode(name, models, False, elementwise, formula, fn, None, keeps, True, params, seeded,
+                           per_key_ratio, check_models)
         return fn
     return deco
 

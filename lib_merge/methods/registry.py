@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import MergeError
 from ..options import choice_list
-from .params import Param
+from .params import Param, check_declared
 
 MethodFn = Callable[[Tensor, Optional[Tensor], Optional[Tensor], float, float, Mapping[str, Any], str, Optional[int]],
                     Tensor]
@@ -44,12 +44,7 @@ class Method:
 
     def check_params(self, given: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
         """Every declared parameter with its value (given, else the default), in declaration order."""
-        for name in given:
-            if self.param(name) is None:
-                takes = f"it takes {', '.join(p.name for p in self.params)}" if self.params else "it takes none"
-                raise MergeError(f"unknown parameter {name!r} for method {self.name} ({takes}), -p {name}")
-        return tuple((p.name, p.check(given[p.name], f"method {self.name}") if p.name in given else p.default)
-                     for p in self.params)
+        return check_declared(self.params, given, f"method {self.name}")
 
 
 METHODS: dict[str, Method] = {}

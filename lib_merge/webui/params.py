@@ -7,11 +7,11 @@ from typing import Any, Callable
 
 from ..elemental import subtarget_rule
 from ..errors import MergeError
-from ..methods.modes import get_mode
+from ..methods.modes import Mode, get_mode
 from ..options import check_subtargets
 from ..recipe import READABLE_VERSIONS, Recipe
 
-FIELDS = {"model_a", "model_b", "model_c", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
+FIELDS = {"model_a", "model_b", "model_c", "more_models", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
           "preset_beta", "elemental", "dtype", "vae", "subtargets", "supermerger_time_embed_out11", "seed",
           "method", "params", "output", "overwrite"}
 
@@ -83,6 +83,27 @@ def method_params(params: dict) -> dict[str, Any]:
     return Recipe.from_dict(shape, "params").params
 
 
+def _other_models(params: dict, mode: Mode, resolve_model: Callable[[str, str], str]) -> list[str]:
+    """B, C, … as file paths: ``model_b`` and ``model_c`` where the mode takes them; a variadic mode (A the
+    base, then any number) reads ``model_b``, an optional ``model_c`` and the list ``more_models`` after them."""
+    out = []
+    for i, field in enumerate(("model_b", "model_c")):
+        name = _str(params, field)
+        if i + 1 < mode.models and not name:
+            raise MergeError(f"mode {mode.name} needs {field}, {field}")
+        if name and (mode.variadic or i + 1 < mode.models):
+            out.append(resolve_model(name, field))
+    more = params.get("more_models") or []
+    if isinstance(more, str):
+        more = [m.strip() for m in more.split(",") if m.strip()]
+    if not isinstance(more, list) or not all(isinstance(m, str) for m in more):
+        raise MergeError(f"more_models must be a list of checkpoint names, more_models: {more!r}")
+    if more and not mode.variadic:
+        raise MergeError(f"mode {mode.name} takes {mode.models_text()} only, more_models")
+    out += [resolve_model(m, f"more_models[{i}]") for i, m in enumerate(more) if m.strip()]
+    return out
+
+
 def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], model_a_path: str | None,
               default_vae: str = "a") -> Recipe:
     """``resolve_model(name, field) -> file path`` (checkpoint names only). ``model_a_path`` is used when
@@ -98,12 +119,7 @@ def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], 
     a = resolve_model(a_name, "model_a") if a_name else model_a_path
     if not a:
         raise MergeError("model_a is required (no checkpoint is loaded), model_a")
-    models = [a]
-    for i, field in enumerate(("model_b", "model_c")[: mode.models - 1]):
-        name = _str(params, field)
-        if not name:
-            raise MergeError(f"mode {mode_name} needs {field}, {field}")
-        models.append(resolve_model(name, field))
+    models = [a] + _other_models(params, mode, resolve_model)
     alpha = _num(params, "alpha", 0.5)
     beta = _num(params, "beta", 0.25)
     elemental = _str(params, "elemental")

@@ -70,6 +70,9 @@ class Service:
         for field in ("model_a", "model_b", "model_c"):
             if out.get(field):
                 out[field] = host.checkpoint_by_name(out[field], field).name
+        if isinstance(out.get("more_models"), list):
+            out["more_models"] = [host.checkpoint_by_name(m, f"more_models[{i}]").name if isinstance(m, str) else m
+                                  for i, m in enumerate(out["more_models"])]
         return out
 
     def _model(self):

@@ -206,7 +206,7 @@ def build_params(model_a, model_b, model_c, mode, alpha, beta, use_blocks, weigh
         p["model_a"] = model_a
     if m.models >= 2:
         p["model_b"] = model_b
-    if m.models >= 3:
+    if m.models >= 3 or (m.variadic and model_c):
         p["model_c"] = model_c
     if use_blocks:
         arch = _arch(layout)

@@ -14,6 +14,8 @@ from ..arch import ARCHS
 from ..errors import MergeError
 from ..dice import check_seed
 from ..methods.modes import MODES, get_mode
+from ..methods.formula import params_for
+from ..methods.params import check_declared
 from ..methods.registry import METHODS, Method, get_method
 from ..options import SUBTARGETS, check_subtargets
 from ..weights import format_vector, parse_number, parse_weights
@@ -78,29 +80,34 @@ def _param_items(text: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def parse_method_params(text: str, method: Method) -> dict[str, Any]:
-    """One cell's ``NAME=VALUE`` items, each parsed and checked by ``method``'s declaration of NAME."""
+def parse_method_params(text: str, method: Method, mode: str = "weighted_sum") -> dict[str, Any]:
+    """One cell's ``NAME=VALUE`` items, each parsed and checked by the declaration of NAME of ``method`` inside
+    ``mode`` (a variadic mode such as ties declares its own)."""
+    declared, owner = params_for(mode, method.name)
     out = {}
     for item, name, value in _param_items(text):
-        decl = method.param(name)
+        decl = next((p for p in declared if p.name == name), None)
         if decl is None:
             try:
-                method.check_params({name: None})  # raises: unknown parameter, naming the method's own
+                check_declared(declared, {name: None}, owner)  # raises: unknown parameter, naming the declared ones
             except MergeError as e:
                 raise MergeError(f"{str(e).rpartition(', ')[0]}, {PARAM_AXIS} {item!r}") from None
-        out[name] = decl.parse_text(value, f"method {method.name}, {PARAM_AXIS} {item!r}")
+        out[name] = decl.parse_text(value, f"{owner}, {PARAM_AXIS} {item!r}")
     return out
 
 
 def check_param_value(text: str) -> None:
     """A method parameter value on its own (``confirm`` cannot see a method axis): each name must be declared
     by some method and its value read by that declaration; the cell's method is checked in the wrapped run."""
+    owners = [(f"method {m.name}", p) for m in METHODS.values() for p in m.params] + \
+        [(f"mode {m.name}", p) for m in MODES.values() for p in m.params]
     for item, name, value in _param_items(text):
-        owners = [m for m in METHODS.values() if m.param(name) is not None]
-        if not owners:
-            known = ", ".join(f"{p.name} ({m.name})" for m in METHODS.values() for p in m.params) or "none"
-            raise MergeError(f"no method takes parameter {name!r} (declared: {known}), {PARAM_AXIS} {item!r}")
-        owners[0].param(name).parse_text(value, f"method {owners[0].name}, {PARAM_AXIS} {item!r}")
+        found = [(owner, p) for owner, p in owners if p.name == name]
+        if not found:
+            known = ", ".join(f"{p.name} ({owner})" for owner, p in owners) or "none"
+            raise MergeError(f"no mode or method takes parameter {name!r} (declared: {known}), {PARAM_AXIS} {item!r}")
+        owner, decl = found[0]
+        decl.parse_text(value, f"{owner}, {PARAM_AXIS} {item!r}")
 
 
 def _confirm(kind: str):
@@ -198,7 +205,8 @@ def cell_params(base: dict | None, axes: dict[str, Any], arch_name: str) -> dict
         p.pop("params", None)  # the base's parameters belong to its own method
     if "method_params" in axes:
         method = get_method(p.get("method") or "linear")
-        p["params"] = {**(p.get("params") or {}), **parse_method_params(axes["method_params"], method)}
+        p["params"] = {**(p.get("params") or {}),
+                       **parse_method_params(axes["method_params"], method, p.get("mode") or "weighted_sum")}
     if "subtargets" in axes:
         p["subtargets"] = [] if axes["subtargets"] == "all" else [axes["subtargets"]]
     if "preset" in axes:
@@ -313,16 +321,19 @@ def check_methods(methods: list[str], modes: list[str], param_values: list[str],
                 method.check_mode(mode)
             except MergeError as e:
                 raise MergeError(f"{str(e).rpartition(', ')[0]}, {where}") from None
-        for value in param_values:
-            parse_method_params(value, method)
-        if method.seeded and not seeded_ok:
-            raise MergeError(f"method {name} draws random numbers: set a seed in the base recipe or add a "
-                             f"BlockMerge: seed axis, {where}")
+        for mode in modes:
+            for value in param_values:
+                parse_method_params(value, method, mode)
+            seeded = method.seeded or get_mode(mode).seeded
+            if seeded and not seeded_ok:
+                who = f"method {name}" if method.seeded else f"mode {mode}"
+                raise MergeError(f"{who} draws random numbers: set a seed in the base recipe or add a "
+                                 f"BlockMerge: seed axis, {where}")
 
 
 def _check_method_axes(script, args, base: dict | None) -> None:
     axes = {lb: _axis_values(script, args, PREFIX + lb) for lb in ("method", "merge mode", "method parameter", "seed")}
-    if axes["method"] is None and axes["method parameter"] is None:
+    if axes["method"] is None and axes["method parameter"] is None and axes["merge mode"] is None:
         return
     base = base or {}
     check_methods(axes["method"] or [base.get("method") or "linear"],
