@@ -281,15 +281,19 @@ def _fake_registry():
 
 
 def test_tab_builds_one_control_per_declared_parameter_of_every_method(tab):
-    from lib_merge.methods import METHODS
+    from lib_merge.methods import METHODS, MODES
     c = tab.c
-    assert list(c["param_groups"]) == list(METHODS)
+    with_params = [n for n, m in MODES.items() if m.params]
+    assert "ties" in with_params and "weighted_sum" not in with_params
+    assert list(c["param_groups"]) == list(METHODS) + ["mode:" + n for n in with_params]
     ctls = c["param_controls"]
-    declared = [(n, p) for n, m in METHODS.items() for p in m.params]
-    assert len(ctls) == len(declared) == sum(len(m.params) for m in METHODS.values()) >= 1
+    declared = [(n, p) for n, m in METHODS.items() for p in m.params] + \
+        [("mode:" + n, p) for n in with_params for p in MODES[n].params]
+    assert len(ctls) == len(declared) >= 1
     assert [(o, p) for o, p, _ in ctls] == declared
     for owner, p, comp in ctls:
-        assert comp.label == p.name and comp.info == p.meaning and comp.value == p.default
+        assert comp.label == p.name and comp.info == p.meaning
+        assert comp.value == ("" if p.type is tuple else p.default)  # a list box starts empty (its default)
     gamma = next(comp for o, p, comp in ctls if (o, p.name) == ("extract", "gamma"))
     assert isinstance(gamma, gr.Number) and gamma.minimum == 0.0 and gamma.maximum is None  # declared low only
     assert [n for n, g in c["param_groups"].items() if g.visible] == ["linear"]
@@ -298,7 +302,7 @@ def test_tab_builds_one_control_per_declared_parameter_of_every_method(tab):
 def test_a_method_added_to_the_registry_gets_its_controls(stub, monkeypatch):
     from lib_merge.webui import ui
     reg = _fake_registry()
-    owners = ui.param_owners(reg)
+    owners = ui.param_owners(reg, {})
     assert owners[-1][0] == "fake_m" and len(owners) == len(reg)
     with gr.Blocks():
         groups, ctls = ui.method_controls(owners, "fake_m")
@@ -310,8 +314,9 @@ def test_a_method_added_to_the_registry_gets_its_controls(stub, monkeypatch):
     assert isinstance(mine["flip"], gr.Checkbox) and mine["flip"].value is False and mine["flip"].info == "whether"
     monkeypatch.setattr(ui, "METHODS", reg)  # the whole tab: its groups follow the registry
     t = UI(ui.create_tab())
-    assert list(t.c["param_groups"]) == list(reg)
-    assert len(t.c["param_controls"]) == sum(len(m.params) for m in reg.values())
+    assert [n for n in t.c["param_groups"] if not n.startswith("mode:")] == list(reg)
+    assert len([1 for o, _, _ in t.c["param_controls"] if not o.startswith("mode:")]) == \
+        sum(len(m.params) for m in reg.values())
     assert "fake_m" in _choices(t.c["method"])  # pairs with weighted_sum, the starting mode
 
 
@@ -420,3 +425,43 @@ def test_seed_minus_one_draws_and_the_box_shows_the_recorded_seed(live_tab):
     t[c["merge_seed"]] = 7  # a seed given is the seed used
     t.fire(test, "click")
     assert ui.SERVICE.recipe_json()["seed"] == 7 and t[c["merge_seed"]] == 7
+
+
+def test_variadic_mode_shows_its_parameters_and_more_models_and_sends_them(stub, monkeypatch):
+    from lib_merge.webui import ui
+    rec = Recording(None)
+    monkeypatch.setattr(ui, "SERVICE", rec)
+    t = UI(ui.create_tab())
+    c = t.c
+    assert c["more_models"].visible is False
+    t[c["model_b"]], t[c["model_c"]] = "synthB", "synthC"
+    t[c["mode"]] = "ties"
+    t.fire(c["mode"], "change")
+    assert t.prop(c["more_models"], "visible") is True
+    assert [n for n, g in c["param_groups"].items() if t.prop(g, "visible")] == ["linear", "mode:ties"]
+    density = next(comp for o, p, comp in c["param_controls"] if (o, p.name) == ("mode:ties", "density"))
+    t[density] = 0.35
+    t[c["more_models"]] = ["synthB"]
+    test = next(b for b in c["buttons"] if b.value == "Test merge")
+    t.fire(test, "click")
+    sent = rec.sent[-1]
+    assert sent["mode"] == "ties" and sent["params"] == {"density": 0.35}
+    assert sent["model_c"] == "synthC" and sent["more_models"] == ["synthB"]
+    t[c["mode"]] = "dare"  # a seeded mode: the tab draws the seed the engine needs
+    t.fire(c["mode"], "change")
+    t.fire(test, "click")
+    assert isinstance(rec.sent[-1]["seed"], int)
+    t[c["mode"]] = "linear_combination"
+    t.fire(c["mode"], "change")
+    weights = next(comp for o, p, comp in c["param_controls"] if o == "mode:linear_combination")
+    assert isinstance(weights, gr.Textbox)
+    t[weights] = "0.5, 0.25, 0.25"
+    t.fire(test, "click")
+    assert rec.sent[-1]["params"] == {"model_weights": [0.5, 0.25, 0.25]}
+    t[weights] = ""  # empty: the default (the mean), nothing sent
+    t.fire(test, "click")
+    assert "params" not in rec.sent[-1]
+    t[c["mode"]] = "weighted_sum"
+    t.fire(c["mode"], "change")
+    t.fire(test, "click")
+    assert "more_models" not in rec.sent[-1] and t.prop(c["more_models"], "visible") is False

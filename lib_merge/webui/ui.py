@@ -100,12 +100,22 @@ def methods_for(mode: str, registry: dict | None = None) -> list[str]:
     return [n for n, m in reg.items() if m.modes is None or mode in m.modes]
 
 
-def param_owners(registry: dict | None = None) -> list[tuple[str, tuple[Param, ...]]]:
+MODE_OWNER = "mode:"  # group names of modes' parameters (methods' groups are the method names)
+
+
+def param_owners(registry: dict | None = None, modes: dict | None = None) -> list[tuple[str, tuple[Param, ...]]]:
     """(owner name, declared parameters) for every owner the tab builds controls for: every method, with or
-    without parameters (an empty group keeps "show the selected method's group" uniform). Modes that declare
-    parameters would be one more line here: ``+ [(n, m.params) for n, m in MODES.items()]``."""
+    without parameters (an empty group keeps "show the selected method's group" uniform), and every mode that
+    declares parameters (ties' density, …) as ``mode:NAME``."""
     reg = METHODS if registry is None else registry
-    return [(n, tuple(m.params)) for n, m in reg.items()]
+    mods = MODES if modes is None else modes
+    return [(n, tuple(m.params)) for n, m in reg.items()] + \
+        [(MODE_OWNER + n, tuple(m.params)) for n, m in mods.items() if m.params]
+
+
+def selected_owners(mode: str, method: str) -> set[str]:
+    """The parameter groups shown for ``mode`` with ``method``: the method's and the mode's own."""
+    return {method or "linear", MODE_OWNER + mode}
 
 
 def param_control(owner: str, p: Param):
@@ -115,6 +125,9 @@ def param_control(owner: str, p: Param):
     eid = f"blockmerge_param_{owner}_{p.name}"
     if p.type is bool:
         return gr.Checkbox(value=bool(p.default), label=p.name, info=p.meaning, elem_id=eid)
+    if p.type is tuple:
+        return gr.Textbox(value=", ".join(f"{v:g}" for v in p.default or ()), label=p.name, info=p.meaning,
+                          placeholder="numbers separated by commas", elem_id=eid)
     whole = p.type is int
     if p.low is not None and p.high is not None:
         step = 1 if whole else (p.high - p.low) / 100
@@ -138,9 +151,10 @@ def method_controls(owners: list[tuple[str, tuple[Param, ...]]], selected: str):
     return groups, controls
 
 
-def show_group(groups: dict[str, Any], selected: str) -> list[dict]:
-    """Visibility updates for ``groups`` (in their order): ``selected``'s group only."""
-    return [gr.update(visible=owner == selected) for owner in groups]
+def show_group(groups: dict[str, Any], selected: str | set[str]) -> list[dict]:
+    """Visibility updates for ``groups`` (in their order): the ``selected`` group(s) only."""
+    chosen = {selected} if isinstance(selected, str) else selected
+    return [gr.update(visible=owner in chosen) for owner in groups]
 
 
 def typed_value(p: Param, value: Any) -> Any:
@@ -148,6 +162,14 @@ def typed_value(p: Param, value: Any) -> Any:
     an emptied number box means the default."""
     if value is None:
         return p.default
+    if p.type is tuple:  # a text box: "1, 0.5, 0.5"; empty means the default
+        text = str(value).strip()
+        if not text:
+            return p.default
+        try:
+            return [float(x) for x in text.split(",")]
+        except ValueError:
+            raise MergeError(f"{p.name} must be numbers separated by commas, {p.name}: {text!r}") from None
     if p.type is bool:
         return bool(value)
     if p.type is int:
@@ -155,18 +177,22 @@ def typed_value(p: Param, value: Any) -> Any:
     return float(value)
 
 
-def param_values(owner: str, controls: list[tuple[str, Param, Any]], values: list[Any]) -> dict[str, Any]:
-    """The selected owner's parameters, by name, typed (``values`` in the order of ``controls``)."""
-    return {p.name: typed_value(p, v) for (o, p, _), v in zip(controls, values) if o == owner}
+def param_values(owner: str | set[str], controls: list[tuple[str, Param, Any]], values: list[Any]) -> dict[str, Any]:
+    """The selected owners' parameters, by name, typed (``values`` in the order of ``controls``); a parameter
+    left without a value (a list left empty) is left out, so its default applies."""
+    chosen = {owner} if isinstance(owner, str) else owner
+    typed = {p.name: typed_value(p, v) for (o, p, _), v in zip(controls, values) if o in chosen}
+    return {k: v for k, v in typed.items() if v is not None}
 
 
-def merge_seed(box: Any, method: str) -> int | None:
+def merge_seed(box: Any, method: str, mode: str = "weighted_sum") -> int | None:
     """The seed box -> the request's seed: -1 (or empty) draws one. Random ratios draw in the plan (None is
     sent, the live recipe records the seed drawn); a seeded method (add_noise) needs its seed before the
     recipe is checked, so the tab draws it here."""
     if box is None or int(box) < 0:
-        meth = METHODS.get(method or "linear")
-        return draw_seed() if meth is not None and meth.seeded else None
+        meth, m = METHODS.get(method or "linear"), MODES.get(mode)
+        seeded = (meth is not None and meth.seeded) or (m is not None and m.seeded)
+        return draw_seed() if seeded else None
     return int(box)
 
 
@@ -192,7 +218,7 @@ def status_html(text: str, error: bool = False) -> str:
 
 def build_params(model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
                  subtargets, elemental, dtype, vae, method: str | None = None, params: dict | None = None,
-                 seed: int | None = None) -> dict[str, Any]:
+                 seed: int | None = None, more_models: list[str] | None = None) -> dict[str, Any]:
     """UI state -> the request dict (the CLI's names) that the service and the API take."""
     m = MODES[mode]
     p: dict[str, Any] = {"mode": mode, "alpha": float(alpha), "beta": float(beta), "vae": vae, "dtype": dtype}
@@ -208,6 +234,8 @@ def build_params(model_a, model_b, model_c, mode, alpha, beta, use_blocks, weigh
         p["model_b"] = model_b
     if m.models >= 3 or (m.variadic and model_c):
         p["model_c"] = model_c
+    if m.variadic and more_models:
+        p["more_models"] = [x for x in more_models if x]
     if use_blocks:
         arch = _arch(layout)
         p["weights"] = format_vector(parse_weights(weights_alpha, arch, float(alpha), "alpha weights"))
@@ -236,6 +264,9 @@ def create_tab():
                                   choices=host.checkpoint_titles(), elem_id="blockmerge_model_a")
             model_b = gr.Dropdown(label="Model B", choices=host.checkpoint_titles(), elem_id="blockmerge_model_b")
             model_c = gr.Dropdown(label="Model C", choices=host.checkpoint_titles(), elem_id="blockmerge_model_c")
+            more_models = gr.Dropdown(label="More models (D, E, …: modes over any number of models)",
+                                      choices=host.checkpoint_titles(), multiselect=True, visible=False,
+                                      elem_id="blockmerge_more_models")
             refresh = gr.Button(value="\U0001f504", elem_id="blockmerge_refresh", elem_classes=["tool"])
         with gr.Row():
             mode = gr.Radio(label="Merge mode", choices=list(MODES), value=default_mode, elem_id="blockmerge_mode")
@@ -333,21 +364,23 @@ def create_tab():
             infotext = gr.Textbox(label=INFOTEXT_LABEL, lines=6, interactive=False, elem_id="blockmerge_infotext")
 
         # -- wiring ----------------------------------------------------------------------------------------
-        refresh.click(fn=lambda: [_checkpoint_update()] * 3, inputs=[], outputs=[model_a, model_b, model_c])
+        refresh.click(fn=lambda: [_checkpoint_update()] * 4, inputs=[], outputs=[model_a, model_b, model_c, more_models])
 
         def on_mode(m, on, subs, meth):
             names = methods_for(m)
             meth = meth if meth in names else "linear"
             return ([f"`{MODES[m].formula}`"] + beta_controls(m, meth)
-                    + [gr.update(interactive=alpha_used(m, on, subs)), gr.update(choices=names, value=meth)]
-                    + show_group(param_groups, meth))
+                    + [gr.update(interactive=alpha_used(m, on, subs)), gr.update(choices=names, value=meth),
+                       gr.update(visible=MODES[m].variadic)]
+                    + show_group(param_groups, selected_owners(m, meth)))
 
         mode.change(fn=on_mode, inputs=[mode, use_blocks, subtargets, method],
-                    outputs=[mode_info, beta, weights_beta, editing, alpha, method] + list(param_groups.values()))
+                    outputs=[mode_info, beta, weights_beta, editing, alpha, method, more_models]
+                    + list(param_groups.values()))
 
         def on_method(m, meth):
             meth = meth or "linear"
-            return beta_controls(m, meth) + show_group(param_groups, meth)
+            return beta_controls(m, meth) + show_group(param_groups, selected_owners(m, meth))
 
         method.change(fn=on_method, inputs=[mode, method],
                       outputs=[beta, weights_beta, editing] + list(param_groups.values()))
@@ -434,14 +467,16 @@ def create_tab():
         delete_preset.click(fn=on_delete_preset, inputs=[preset_name, layout], outputs=[preset, status])
 
         common = [model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
-                  subtargets, elemental, dtype, vae, method, merge_seed_box] + [c for _, _, c in param_ctls]
-        n_base = 14  # build_params' positional UI fields; then method, seed box, the parameter controls
+                  subtargets, elemental, dtype, vae, method, merge_seed_box, more_models] + [c for _, _, c in param_ctls]
+        n_base = 14  # build_params' positional UI fields; then method, seed box, more models, the parameter controls
 
         def request(model_a_v, args) -> dict[str, Any]:
             """``common``'s values -> the request: build_params' fields, the method, its parameters, the seed."""
-            meth, box = args[n_base] or "linear", args[n_base + 1]
-            vals = param_values(meth, param_ctls, list(args[n_base + 2:]))
-            return build_params(model_a_v, *args[1:n_base], method=meth, params=vals, seed=merge_seed(box, meth))
+            meth, box, more = args[n_base] or "linear", args[n_base + 1], args[n_base + 2]
+            m = args[3]
+            vals = param_values(selected_owners(m, meth), param_ctls, list(args[n_base + 3:]))
+            return build_params(model_a_v, *args[1:n_base], method=meth, params=vals, seed=merge_seed(box, meth, m),
+                                more_models=more)
 
         def do_test(info, *args):
             try:
@@ -508,6 +543,7 @@ def create_tab():
                           outputs=[image, infotext, status])
         stop_btn.click(fn=lambda: host.state().interrupt(), inputs=[], outputs=[])
     tab.blockmerge_components = {"sliders": sliders, "model_a": model_a, "model_b": model_b, "model_c": model_c,
+                                 "more_models": more_models,
                                  "mode": mode, "alpha": alpha, "beta": beta, "use_blocks": use_blocks,
                                  "weights_alpha": weights_alpha, "weights_beta": weights_beta, "preset": preset,
                                  "subtargets": subtargets, "elemental": elemental, "dtype": dtype, "vae": vae,
