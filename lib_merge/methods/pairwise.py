@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..errors import MergeError
 from .params import Param
 from .registry import method
 
@@ -138,3 +139,31 @@ def add_noise(a, b, c, alpha, beta, params, key, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)  # CPU: the same numbers on every device
     noise = torch.randn(a.shape, generator=g, dtype=torch.float32)
     return a.add_(noise.to(a.device), alpha=alpha)
+
+
+SMOOTH_MEDIAN_SIZE = 3  # supermerger's smoothAdd: median filter of size 3, then a Gaussian of sigma 1
+SMOOTH_SIGMA = 1.0
+
+
+def _ndimage():
+    """scipy.ndimage, imported only when smooth_add runs (the rest of the engine does not need scipy)."""
+    try:
+        from scipy import ndimage
+    except ImportError:  # pragma: no cover - scipy is a declared dependency
+        raise MergeError("method smooth_add needs scipy (pip install scipy), --method smooth_add") from None
+    return ndimage
+
+
+@method("smooth_add", "A + alpha · Gauss_σ=1(Median_size=3(B - C)), both filters over every tensor axis "
+        "(scipy.ndimage, mode 'reflect', Gaussian truncated at 4σ)", ("add_difference",), elementwise=False,
+        keeps_a=_alpha_zero)
+def smooth_add(a, b, c, alpha, beta, params, key, seed):
+    """scipy filters every axis of the tensor, including a conv's output channels (supermerger does the
+    same); a 0-dim tensor is filtered as a one-element array (the filters leave it unchanged)."""
+    if alpha == 0.0:
+        return a
+    nd = _ndimage()
+    d = b.sub_(c).cpu().numpy()
+    d = nd.gaussian_filter(nd.median_filter(d, size=SMOOTH_MEDIAN_SIZE, mode="reflect"), sigma=SMOOTH_SIGMA,
+                           mode="reflect")
+    return a.add_(torch.from_numpy(d).to(a.device), alpha=alpha)
