@@ -22,6 +22,7 @@ class Formula:
     method: Method
     params: tuple[tuple[str, Any], ...]  # every declared parameter of the method, defaults filled in
     seed: int | None = None
+    stats: tuple | None = None  # the statistics pass's result (methods with ``stats``), set by ``with_stats``
 
     @property
     def name(self) -> str:
@@ -59,6 +60,8 @@ class Formula:
     def compute(self, a: Tensor, b: Tensor | None, c: Tensor | None, alpha: float, beta: float, key: str) -> Tensor:
         if self.method.fn is None:
             return self.mode.fn(a, b, c, alpha, beta)
+        if self.method.stats is not None:
+            return self.method.fn(a, b, c, alpha, beta, dict(self.params), key, self.key_seed(key), self.stats)
         return self.method.fn(a, b, c, alpha, beta, dict(self.params), key, self.key_seed(key))
 
     def key_seed(self, key: str) -> int | None:
@@ -70,10 +73,12 @@ class Formula:
 
     def signature(self, kp: "KeyPlan", sources: tuple) -> tuple:
         """Everything the key's merged value depends on: the formula, its parameters, the key's seed, the
-        sources it reads, and the key plan's value fields (beta only where the formula reads it)."""
+        statistics pass's numbers, the sources it reads, and the key plan's value fields (beta only where the
+        formula reads it)."""
         values = tuple((f.name, getattr(kp, f.name)) for f in fields(kp) if f.metadata.get("value")
                        and (f.name != "beta" or self.uses_beta))
-        return (self.mode.name, self.method.name, self.params, self.key_seed(kp.key), sources[: self.models], values)
+        return (self.mode.name, self.method.name, self.params, self.key_seed(kp.key), self.stats,
+                sources[: self.models], values)
 
 
 def bind(mode: str, method: str = "linear", params: Mapping[str, Any] | None = None,
