@@ -1,8 +1,11 @@
 """The ratio plan: for every output key, what to do (merge / copy from A / copy from B / bake VAE), with
-which ratios, in which output dtype. Pure function of the recipe and the sources' headers."""
+which ratios, in which output dtype. Pure function of the recipe and the sources' headers, except that a
+method with a statistics pass (cosine_a/b) reads A and B once here, so that both sinks get the same numbers."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
+from typing import MutableMapping
 
 from . import presets
 from .arch import ArchSpec, Detected, FIRST_CONV, block_of, detect, legacy_keeps_a, part_of
@@ -11,6 +14,7 @@ from .dice import Dice, draw_seed, parse_bounds
 from .elemental import apply_rules, parse_rules
 from .errors import MergeError
 from .methods import Formula, Mode, bind, get_mode
+from .methods.stats import with_stats
 from .recipe import Recipe
 from .roles import label
 from .io.sources import Source, TensorInfo
@@ -194,7 +198,10 @@ class _Usage:
         self.over_one: list[str] = []  # triple_sum alpha + beta > 1
 
 
-def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = None) -> Plan:
+def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = None,
+               stats_cache: MutableMapping | None = None) -> Plan:
+    """``stats_cache``: where a live session keeps the statistics pass's result between re-merges (see
+    ``methods.stats.with_stats``); a file merge passes none and runs the pass once."""
     recipe.validate()
     mode = get_mode(recipe.mode)
     formula = bind(recipe.mode, recipe.method, recipe.params, recipe.seed, len(sources))
@@ -328,12 +335,36 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
         parts = " ".join(f"--{n} {v!r}" for n, v in (("include", recipe.include), ("exclude", recipe.exclude)) if v)
         raise MergeError(f"--include/--exclude leave nothing to merge (every key would be A's), {parts}")
     report.notes.extend(_ratio_notes(recipe, formula, rules, use, alpha_v, beta_v))
+    if formula.method.stats is not None and len(sources) > 1:
+        formula = with_stats(formula, stats_keys(sources[0], sources[1]), sources[0].read, sources[1].read,
+                             tuple(_identity(s) for s in sources[:2]), stats_cache)
     if legacy:
         report.notes.append(_legacy_note(arch))
     if (dice is None or not dice.x_used) and (recipe.random_lower or recipe.random_upper):
         report.notes.append("--random-lower/--random-upper have no effect: no X token drew from them")
     return Plan(arch, detected, keys, alpha_vec, beta_vec, report, mode, formula, order,
                 dice.seed if dice else None, dice.record() if dice else None)
+
+
+def stats_keys(a: Source, b: Source) -> list[str]:
+    """The keys a statistics pass reads (supermerger's stage 0): float tensors A and B both have with the same
+    shape, except never-merged keys and the VAE (the cosine methods, the only ones with a pass, skip it)."""
+    out = []
+    for key, info in a.infos.items():
+        other = b.infos.get(key)
+        if (other is not None and other.shape == info.shape and is_float(info.dtype) and is_float(other.dtype)
+                and not is_never_merged(key) and part_of(key) != "vae"):
+            out.append(key)
+    return out
+
+
+def _identity(s: Source) -> tuple:
+    """What a source's contents are known by: path, size and modification time."""
+    try:
+        st = os.stat(s.path)
+        return (str(s.path), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (str(s.path), id(s))
 
 
 def _dice(recipe: Recipe, arch: ArchSpec, vectors: list[VectorInfo | None], rules: list,

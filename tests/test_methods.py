@@ -191,6 +191,9 @@ CASES = [
     ("add_noise", dict(mode="weighted_sum", alpha=0.01, seed=123)),
     ("train_difference", dict(mode="add_difference", alpha=0.7)),
     ("extract", dict(mode="add_difference", alpha=0.3, beta=0.6, params={"gamma": 2.0})),
+    ("smooth_add", dict(mode="add_difference", alpha=0.6)),
+    ("cosine_a", dict(mode="weighted_sum", alpha=0.3)),
+    ("cosine_b", dict(mode="weighted_sum", alpha=0.2, preset="GRAD_V")),
 ]
 
 

@@ -371,7 +371,7 @@ def test_api_variadic_mode_errors_name_the_field(client, body, detail):
 @pytest.mark.parametrize("body,detail", [
     ({"model_b": "synthB", "method": "bogus"},
      "unknown method 'bogus', choose one of linear, slerp, train_difference, tensor_swap, tensor_swap_dim1, extract, "
-     "self_scale, add_noise, method"),
+     "self_scale, add_noise, smooth_add, cosine_a, cosine_b, method"),
     ({"model_b": "synthB", "method": 3}, "method must be a string, method: 3"),
     ({"model_b": "synthB", "model_c": "synthC", "mode": "add_difference", "method": "extract", "params": {"gama": 1}},
      "unknown parameter 'gama' for method extract (it takes gamma), params gama"),

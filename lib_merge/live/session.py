@@ -85,6 +85,7 @@ class LiveSession:
         self.verified: set[str] = set()
         self.recipe: Recipe | None = None
         self.plan: Plan | None = None
+        self._stats: dict = {}  # the statistics pass of the current sources (cosine methods): alpha-only re-merges reuse it
         self.lock = threading.RLock()
         self._state = threading.Lock()
         self._scratch_bufs: dict[str, list[torch.Tensor]] = {}
@@ -273,7 +274,7 @@ class LiveSession:
             self._drop_stale_caches()
             before = sum(self.bytes_read().values())
             caches = [self.a] + [self.cache_for(p) for p in recipe.models[1:]]
-            plan = build_plan(recipe, [c.source() for c in caches])
+            plan = build_plan(recipe, [c.source() for c in caches], stats_cache=self._stats)
             ids = tuple(c.id for c in caches)
             params = self.target.params()
             by_key = plan.by_key()

@@ -24,6 +24,7 @@ class Formula:
     params: tuple[tuple[str, Any], ...]  # every declared parameter of the mode and the method, defaults filled in
     seed: int | None = None
     n: int = 0  # how many models it reads (0: the mode's own count)
+    stats: tuple | None = None  # the statistics pass's result (methods with ``stats``), set by ``with_stats``
 
     @property
     def name(self) -> str:
@@ -74,6 +75,8 @@ class Formula:
             return self.compute_all([t for t in (a, b, c) if t is not None], alpha, beta, key)
         if self.method.fn is None:
             return self.mode.fn(a, b, c, alpha, beta)
+        if self.method.stats is not None:
+            return self.method.fn(a, b, c, alpha, beta, dict(self.params), key, self.key_seed(key), self.stats)
         return self.method.fn(a, b, c, alpha, beta, dict(self.params), key, self.key_seed(key))
 
     def key_seed(self, key: str) -> int | None:
@@ -85,10 +88,12 @@ class Formula:
 
     def signature(self, kp: "KeyPlan", sources: tuple) -> tuple:
         """Everything the key's merged value depends on: the formula, its parameters, the key's seed, the
-        sources it reads, and the key plan's value fields (beta only where the formula reads it)."""
+        statistics pass's numbers, the sources it reads, and the key plan's value fields (beta only where the
+        formula reads it)."""
         values = tuple((f.name, getattr(kp, f.name)) for f in fields(kp) if f.metadata.get("value")
                        and (f.name != "beta" or self.uses_beta))
-        return (self.mode.name, self.method.name, self.params, self.key_seed(kp.key), sources[: self.models], values)
+        return (self.mode.name, self.method.name, self.params, self.key_seed(kp.key), self.stats,
+                sources[: self.models], values)
 
 
 def declared(mode: Mode, method: Method) -> tuple[Param, ...]:

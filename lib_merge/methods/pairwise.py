@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..errors import MergeError
 from .params import Param
 from .registry import method
 
@@ -138,3 +139,102 @@ def add_noise(a, b, c, alpha, beta, params, key, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)  # CPU: the same numbers on every device
     noise = torch.randn(a.shape, generator=g, dtype=torch.float32)
     return a.add_(noise.to(a.device), alpha=alpha)
+
+
+SMOOTH_MEDIAN_SIZE = 3  # supermerger's smoothAdd: median filter of size 3, then a Gaussian of sigma 1
+SMOOTH_SIGMA = 1.0
+
+
+def _ndimage():
+    """scipy.ndimage, imported only when smooth_add runs (the rest of the engine does not need scipy)."""
+    try:
+        from scipy import ndimage
+    except ImportError:  # pragma: no cover - scipy is a declared dependency
+        raise MergeError("method smooth_add needs scipy (pip install scipy), --method smooth_add") from None
+    return ndimage
+
+
+@method("smooth_add", "A + alpha · Gauss_σ=1(Median_size=3(B - C)), both filters over every tensor axis "
+        "(scipy.ndimage, mode 'reflect', Gaussian truncated at 4σ)", ("add_difference",), elementwise=False,
+        keeps_a=_alpha_zero)
+def smooth_add(a, b, c, alpha, beta, params, key, seed):
+    """scipy filters every axis of the tensor, including a conv's output channels (supermerger does the
+    same); a 0-dim tensor is filtered as a one-element array (the filters leave it unchanged)."""
+    if alpha == 0.0:
+        return a
+    nd = _ndimage()
+    d = b.sub_(c).cpu().numpy()
+    d = nd.gaussian_filter(nd.median_filter(d, size=SMOOTH_MEDIAN_SIZE, mode="reflect"), sigma=SMOOTH_SIGMA,
+                           mode="reflect")
+    return a.add_(torch.from_numpy(d).to(a.device), alpha=alpha)
+
+
+COSINE_SKIPS = "first_stage_model"  # supermerger's cosine modes skip the VAE (stage 0 and the merge)
+
+
+def _cos_dim0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of A and B along dim 0 (one value per column; a 1-D or 0-dim tensor gives one 0-dim value).
+    A zero column gives 0 (torch's eps), never NaN."""
+    if a.dim() == 0:
+        a, b = a.reshape(1), b.reshape(1)
+    return torch.nn.functional.cosine_similarity(a, b, dim=0)
+
+
+def _cos_global(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of the flattened tensors (fp64 sums); 0 when a norm is 0."""
+    aa, bb, ab = _dots(a.reshape(-1), b.reshape(-1))
+    return ab / math.sqrt(aa * bb) if aa > 0.0 and bb > 0.0 else 0.0
+
+
+def _unit0(t: torch.Tensor) -> torch.Tensor:
+    """L2-normalised along dim 0 (a zero column stays zero)."""
+    return torch.nn.functional.normalize(t.reshape(1) if t.dim() == 0 else t, p=2, dim=0).reshape(t.shape)
+
+
+def _cosine_a_stat(a, b):
+    return _cos_dim0(_unit0(a), _unit0(b))
+
+
+def _cosine_b_stat(a, b):
+    return _cos_dim0(a, b).add_(_cos_global(a, b)).div_(2.0)
+
+
+def _relative(sim: torch.Tensor, stats: tuple[float, float] | None) -> torch.Tensor:
+    """(sim - min) / (max - min) with the statistics pass's range; where the range is empty (max == min, or no
+    statistics at all: every key equally similar) 1, so that k = 1 - alpha makes it a plain weighted sum."""
+    if stats is None or not stats[1] > stats[0]:
+        return torch.ones_like(sim)
+    lo, hi = stats
+    return sim.sub(lo).div_(hi - lo)
+
+
+def _blend(a, b, k):
+    """k·A + (1 - k)·B, k per column (broadcast along dim 0)."""
+    return b.mul_(1.0 - k).add_(a.mul_(k))
+
+
+@method("cosine_a", "k·A + (1-k)·B per column, k = clip((s - min)/(max - min) - |alpha|, 0, 1), s = (cos along "
+        "dim 0 + cos of the flattened tensors)/2 of A and B L2-normalised along dim 0; min/max of the dim-0 cosines "
+        "over all keys (1st-99th percentile); VAE keys stay A", ("weighted_sum",), elementwise=False,
+        stats=_cosine_a_stat)
+def cosine_a(a, b, c, alpha, beta, params, key, seed, stats):
+    """Favours A's structure: the more a column of A and B agree (relative to the whole model), the more of A
+    it keeps; alpha pushes toward B. VAE keys (``first_stage_model``) are returned as A, as supermerger's merge
+    loop skips them (they are also left out of the statistics). Zero tensors give s = 0, never NaN."""
+    if COSINE_SKIPS in key:
+        return a
+    an, bn = _unit0(a), _unit0(b)
+    sim = _cos_dim0(an, bn).add_(_cos_global(an, bn)).div_(2.0)
+    k = _relative(sim, stats).sub_(abs(alpha)).clamp_(0.0, 1.0)
+    return _blend(a, b, k)
+
+
+@method("cosine_b", "as cosine_a without the normalisation (s of the raw tensors; min/max collected on s itself) "
+        "and k = clip((s - min)/(max - min) - alpha, 0, 1); VAE keys stay A", ("weighted_sum",), elementwise=False,
+        stats=_cosine_b_stat)
+def cosine_b(a, b, c, alpha, beta, params, key, seed, stats):
+    """Supermerger's cosineB ("favours B's structure"); VAE keys are returned as A (see cosine_a)."""
+    if COSINE_SKIPS in key:
+        return a
+    k = _relative(_cosine_b_stat(a, b), stats).sub_(alpha).clamp_(0.0, 1.0)
+    return _blend(a, b, k)

@@ -33,6 +33,9 @@ class Method:
     seeded: bool = False  # draws random numbers from the recipe's seed
     check_ratio: Callable[[float], Optional[str]] | None = None  # why a ratio is refused (alpha, beta if used)
     swaps: bool = False  # result(B, A, 1 - t) == result(A, B, t): --swap-ab keeps its meaning
+    # statistics pass (cosine_a/b): the values one key contributes, from fp32 (A, B); the fn then gets the
+    # reduced statistics (``stats.reduce_range``) as a ninth argument. None: no pass.
+    stats: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -53,11 +56,12 @@ METHODS: dict[str, Method] = {}
 def method(name: str, formula: str, modes: tuple[str, ...] | None, elementwise: bool = True,
            uses_beta: bool = False, params: tuple[Param, ...] = (),
            keeps_a: Callable[[float, float], bool] | None = None, seeded: bool = False,
-           check_ratio: Callable[[float], Optional[str]] | None = None, swaps: bool = False):
+           check_ratio: Callable[[float], Optional[str]] | None = None, swaps: bool = False,
+           stats: Callable[[Tensor, Tensor], Tensor] | None = None):
     """Register a method under ``name``."""
     def deco(fn: MethodFn) -> MethodFn:
         METHODS[name] = Method(name, formula, modes, fn, elementwise, uses_beta, params, keeps_a, seeded,
-                               check_ratio, swaps)
+                               check_ratio, swaps, stats)
         return fn
     return deco
 
