@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..adjust import apply
 from ..plan import KeyPlan
 from .formula import Formula
 
@@ -18,6 +19,7 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
 
     ``scratch``: optional fp32 buffers (one per input, same numel as the inputs) that may be overwritten;
     ``a_ready``: ``scratch[0]`` already holds A's values in fp32 (the live sink converted them for its check).
+    Applies the key's Adjust (§1.12) last; an adjusted key is always computed whole (both sinks see to it).
     Handles the inpainting first conv (merge only the first ``kp.channels`` input channels, keep A's rest).
     """
     if kp.channels is not None:
@@ -26,7 +28,7 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
                                                 for t in tensors[1:]]
         parts += [None] * (3 - len(parts))
         a[:, :kp.channels] = formula.compute(parts[0], parts[1], parts[2], kp.alpha, kp.beta, kp.key)
-        return a
+        return apply(kp.adjust, a)
     ins: list[Tensor | None] = []
     for i, t in enumerate(tensors):
         if scratch is not None:
@@ -37,4 +39,4 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
         else:
             ins.append(t.to(device=device, dtype=torch.float32, copy=True))
     ins += [None] * (3 - len(ins))
-    return formula.compute(ins[0], ins[1], ins[2], kp.alpha, kp.beta, kp.key)
+    return apply(kp.adjust, formula.compute(ins[0], ins[1], ins[2], kp.alpha, kp.beta, kp.key))
