@@ -170,3 +170,22 @@ def test_live_equals_file_and_remerge_recomputes_six_keys(models, sd15_listing, 
             assert torch.equal(params[k].detach(), plain[k]), k
     finally:
         session.close()
+
+
+def test_live_adjust_at_alpha_zero_and_with_one_model(models, sd15_listing):
+    module = S.build_module(sd15_listing, dtype=torch.float32)
+    S.load_into(module, models["sd15_a"])
+    a = {k: v.float() for k, v in load(models["sd15_a"]).items()}
+    session = LiveSession(_Target(module), models["sd15_a"], cache=CachePolicy.CPU)
+    try:
+        params = dict(module.named_parameters())
+        rep = session.apply(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], alpha=0.0,
+                                   adjust=[2, 0, 0, 0, 0, 0, 0, 0]))
+        assert rep.written == 2 and torch.equal(params[ADJ.IN_W].detach(), a[ADJ.IN_W] * (1 - 0.02))
+        rep = session.apply(Recipe(models=[str(models["sd15_a"])], mode="no_interpolation",
+                                   adjust=[0, 3, 0, 0, 0, 0, 0, 0]))
+        assert rep.written == 4  # IN back to A, OUT's weight and bias adjusted
+        assert torch.equal(params[ADJ.IN_W].detach(), a[ADJ.IN_W])
+        assert torch.equal(params[ADJ.OUT0_B].detach(), a[ADJ.OUT0_B] * (1 + 0.06))
+    finally:
+        session.close()
