@@ -64,6 +64,8 @@ MERGE_HELP = {
             "recorded) and add_noise (per key; needs a seed)",
     "random_lower": "per-block lower bounds of X (same forms as --weights)",
     "random_upper": "per-block upper bounds of X (same forms as --weights)",
+    "adjust": "Adjust (supermerger's detail/colour tweak, after the merge): 8 numbers IN,OUT,OUT2,contrast,"
+              "brightness,cyan_red,magenta_green,yellow_blue (about -5..5; all zeros = off)",
     "supermerger_time_embed_out11": "give time_embed the OUT11 ratio as supermerger 2023-07..2025-11 did "
                                     "(SDXL: keep time_embed/label_emb from A), to reproduce its recipes exactly",
 }
@@ -100,6 +102,7 @@ def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=MERGE_HELP[name])
     for name in ("random_lower", "random_upper"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="VALUES", help=MERGE_HELP[name])
+    p.add_argument("--adjust", default=None, metavar="IN,OUT,OUT2,C,BR,CR,MG,YB", help=MERGE_HELP["adjust"])
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default=None, help=MERGE_HELP["dtype"])
     p.add_argument("--vae", choices=list(VAE_CHOICES), default=None, help=MERGE_HELP["vae"])
     p.add_argument("--bake-vae", dest="bake_vae", default=None, metavar="FILE", help=MERGE_HELP["bake_vae"])
@@ -192,6 +195,7 @@ class Progress:
 
 def merge_recipe(args):
     """The ``--recipe`` file (or the defaults) with every field given on the command line laid over it."""
+    from .adjust import parse_adjust
     from .recipe import Recipe, load_recipe_file, with_overrides
     base = load_recipe_file(args.recipe) if args.recipe else Recipe()
     changes = {"models": list(args.models)} if args.models else {}
@@ -199,6 +203,8 @@ def merge_recipe(args):
         v = getattr(args, f.name, None) if f.name != "models" else None
         if isinstance(v, str) and not v.strip():
             raise MergeError(f"empty {f.name.replace('_', ' ')}, --{f.name.replace('_', '-')}")
+        if f.name == "adjust" and v is not None:
+            v = parse_adjust(v, "--adjust") or [0.0] * 8  # all zeros: off, also over a recipe file's adjust
         if v is not None:
             changes[f.name] = v
     if args.param_items:

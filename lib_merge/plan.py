@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import MutableMapping
 
 from . import presets
+from .adjust import Adjustment, for_key, parse_adjust
 from .arch import ArchSpec, Detected, FIRST_CONV, block_of, detect, legacy_keeps_a, part_of
 from .dtypes import OUTPUT_DTYPES, is_float
 from .dice import Dice, draw_seed, parse_bounds
@@ -48,6 +49,8 @@ class KeyPlan:
     shape: tuple[int, ...] = field()
     # merge only the first N input channels (inpainting/pix2pix first conv)
     channels: int | None = field(default=None, metadata={"value": True})
+    # Adjust (§1.12), applied to the merged fp32 result; only on "merge" keys
+    adjust: Adjustment | None = field(default=None, metadata={"value": True})
 
 
 @dataclass
@@ -236,6 +239,7 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
     include = parse_parts(recipe.include, arch, "--include")
     exclude = parse_parts(recipe.exclude, arch, "--exclude")
     legacy = recipe.supermerger_time_embed_out11
+    adjust = parse_adjust(recipe.adjust, "adjust")  # a Recipe built in Python may hold text or zeros
     use = _Usage()
 
     a = sources[0]
@@ -273,11 +277,18 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
             alpha = 1.0 - alpha
         od = out_dtype(info)
 
+        adj = for_key(adjust, key, arch.name, info.shape[0] if info.shape else 0)
+
         def plan(action, channels=None, od=od, shape=info.shape):
-            keys.append(KeyPlan(key, action, block, alpha, beta, od, tuple(shape), channels))
+            keys.append(KeyPlan(key, action, block, alpha, beta, od, tuple(shape), channels,
+                                adj if action == "merge" else None))
 
         if part == "vae" and bake_keys:
             plan("bake_vae", shape=bake_vae.infos[bake_keys[key]].shape)
+            continue
+        selected = (include is None or include(key, block)) and not (exclude is not None and exclude(key, block))
+        if formula.models == 1 and adj is not None and selected and is_float(info.dtype):
+            plan("merge")  # one model: the merge is A itself, then adjusted
             continue
         if formula.models == 1 or is_never_merged(key) or not is_float(info.dtype):
             plan("copy_a")
@@ -291,7 +302,6 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
                     raise MergeError(f"--vae b: model B has no VAE key {key}, {sources[1].path}")
                 plan("copy_b", od=out_dtype(binfo), shape=binfo.shape)
             continue
-        selected = (include is None or include(key, block)) and not (exclude is not None and exclude(key, block))
         if not selected or (legacy and legacy_keeps_a(key, arch)):
             plan("copy_a")
             continue

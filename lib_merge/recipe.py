@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .adjust import parse_adjust
 from .dice import check_seed, is_token
 from .errors import MergeError
 from .methods import bind, get_method, get_mode
@@ -22,7 +23,7 @@ from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exc
 
 RECIPE_VERSION = 2  # 2: method and params; version 1 (neither) still loads, as method linear
 READABLE_VERSIONS = (1, 2)
-OMITTED_WHEN_UNSET = ("seed", "random_lower", "random_upper")
+OMITTED_WHEN_UNSET = ("seed", "random_lower", "random_upper", "adjust")
 MAX_RECIPE_FILE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
 
 
@@ -53,6 +54,7 @@ class Recipe:
     # none draws and records one)
     random_lower: str | None = None  # per-block lower bounds of X (same forms as weights)
     random_upper: str | None = None  # per-block upper bounds of X
+    adjust: list[float] | None = None  # §1.12 detail/colour tweak: 8 floats, None when off (blank/all zeros)
 
     def validate(self) -> None:
         m = get_mode(self.mode)
@@ -81,11 +83,13 @@ class Recipe:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise MergeError(f"{name} must be a finite number, {v!r}")
         check_seed(self.seed)
+        parse_adjust(self.adjust, "adjust")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form. Random-ratio fields left unset are left out, so recipes (and the metadata of files)
         without random ratios read exactly as before they existed."""
         d = asdict(self)
+        d["adjust"] = parse_adjust(d["adjust"], "recipe")  # the normal form: 8 floats, or None (left out)
         for name in OMITTED_WHEN_UNSET:
             if d[name] is None:
                 del d[name]
@@ -267,6 +271,7 @@ _BY_FIELD: dict[str, Callable[[str, Any, str], Any]] = {
     "exclude": _joined(",", lambda x: isinstance(x, str), "strings"),
     "elemental": _joined("\n", lambda x: isinstance(x, str), "strings"),
     "params": _params,
+    "adjust": lambda key, v, origin: parse_adjust(v, origin),
 }
 _BY_TYPE: dict[str, Callable[[str, Any, str], Any]] = {"float": _number, "int": _integer, "bool": _flag, "str": _text}
 

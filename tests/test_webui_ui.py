@@ -256,6 +256,27 @@ def test_restore_marks_the_preview_as_the_previous_weights(live_tab):
     assert t.prop(info, "label") == "Infotext (weights before the last Test merge)"
 
 
+def test_adjust_sliders_reach_the_merge_and_reset(live_tab):
+    from lib_merge.webui.ui import build_params
+    t = live_tab
+    sliders = [t.by_id(f"blockmerge_adjust_{n}") for n in ("IN", "OUT", "OUT2", "contrast", "brightness", "cyan_red",
+                                                           "magenta_green", "yellow_blue")]
+    assert [t.prop(s, "maximum", s.maximum) for s in sliders] == [6, 6, 6, 10, 10, 10, 10, 10]
+    t[t.c["model_b"]] = "synthB"
+    t[sliders[2]] = 3
+    t[sliders[7]] = -1.5
+    by_label = {b.value: b for b in t.c["buttons"]}
+    t.fire(by_label["Test merge"], "click")
+    assert "test merge live" in t[t.c["status"]]
+    from lib_merge.webui import ui
+    assert ui.SERVICE.session.recipe.adjust == [0, 0, 3, 0, 0, 0, 0, -1.5]
+    t.fire(t.by_id("blockmerge_adjust_reset"), "click")
+    assert [t[s] for s in sliders] == [0.0] * 8
+    args = (None, "synthB", None, "weighted_sum", 0.3, 0.2, False, "", "", "SD1/SD2 (26)", ["all"], "", "fp16", "a")
+    assert "adjust" not in build_params(*args, *[0.0] * 8) and "adjust" not in build_params(*args)
+    assert build_params(*args, 1, 0, 0, 0, 0, 0, 0, 0)["adjust"] == [1.0] + [0.0] * 7
+
+
 def test_tab_lists_are_the_engine_lists(tab):
     from lib_merge import options
 
@@ -326,7 +347,7 @@ def test_methods_listed_are_the_ones_that_pair_with_the_mode(tab):
     from lib_merge.webui.ui import methods_for
     c = tab.c
     assert _choices(c["method"]) == methods_for("weighted_sum")
-    assert methods_for("add_difference") == ["linear", "train_difference", "extract"]
+    assert methods_for("add_difference") == ["linear", "train_difference", "extract", "smooth_add"]
     assert methods_for("sigmoid") == ["linear"]
     for name in MODES:
         tab[c["mode"]] = name

@@ -76,7 +76,7 @@ def test_axes_registered_once_with_labels(webui):
     assert labels == ["BlockMerge: alpha", "BlockMerge: beta", "BlockMerge: preset", "BlockMerge: weights",
                       "BlockMerge: block value", "BlockMerge: model B", "BlockMerge: model C",
                       "BlockMerge: merge mode", "BlockMerge: method", "BlockMerge: method parameter",
-                      "BlockMerge: seed", "BlockMerge: elemental", "BlockMerge: sub-target"]
+                      "BlockMerge: seed", "BlockMerge: adjust", "BlockMerge: elemental", "BlockMerge: sub-target"]
 
 
 def test_alpha_grid_cells_differ_and_model_comes_back(webui):
@@ -445,3 +445,53 @@ def test_method_axes_are_checked_before_the_first_cell(webui):
     assert len({c.images[0].tobytes() for c in cells}) == 2  # the seed axis reaches the cell
     assert cell_params({"model_b": "b", "method": "extract", "params": {"gamma": 2.0}}, {"method": "slerp"},
                        "sd1") == {"model_b": "b", "method": "slerp"}  # extract's gamma is not slerp's
+
+
+@pytest.mark.parametrize("body,detail", [
+    ({"model_b": "synthB", "adjust": [1, 2, 3]},
+     "adjust needs 8 numbers (IN,OUT,OUT2,contrast,brightness,cyan_red,magenta_green,yellow_blue), got 3 in "
+     "[1, 2, 3], adjust"),
+    ({"model_b": "synthB", "adjust": "1,2,3,4,5,6,7,x"}, "adjust needs 8 numbers, 'x' is not one in "
+                                                        "'1,2,3,4,5,6,7,x', adjust"),
+    ({"model_b": "synthB", "adjust": 5}, "adjust needs 8 numbers (IN,OUT,OUT2,contrast,brightness,cyan_red,"
+                                         "magenta_green,yellow_blue), got 5, adjust"),
+])
+def test_api_adjust_is_checked(client, body, detail):
+    r = client.post("/blockmerge/v1/test", json=body)
+    assert r.status_code == 422 and r.json()["detail"] == detail
+
+
+def test_api_adjust_live_merge_equals_file_merge(client, webui):
+    from safetensors.torch import load_file
+    from lib_merge.adjust import OUT2_W
+    body = {"model_b": "synthB", "alpha": 0.3, "adjust": "0,0,4,0,0,0,0,0"}
+    r = client.post("/blockmerge/v1/test", json=body)
+    assert r.status_code == 200, r.json()
+    r = client.post("/blockmerge/v1/save", json={"output": "adj-live", "dtype": "fp32"})
+    r2 = client.post("/blockmerge/v1/merge", json={**body, "model_a": "synthA", "output": "adj-file", "vae": "a",
+                                                   "dtype": "fp32"})
+    r3 = client.post("/blockmerge/v1/merge", json={**body, "adjust": [0] * 8, "model_a": "synthA",
+                                                   "output": "plain-file", "vae": "a", "dtype": "fp32"})
+    assert r.status_code == 200 and r2.status_code == 200 and r3.status_code == 200, (r.json(), r2.json(), r3.json())
+    live, file_merged, plain = (load_file(x.json()["path"]) for x in (r, r2, r3))
+    assert all(torch.equal(live[k], file_merged[k]) for k in live)  # same recipe, same tensors
+    assert torch.equal(file_merged[OUT2_W], plain[OUT2_W] * (1 - 0.04))
+
+
+def test_adjust_axis_cells_and_checks(webui):
+    from lib_merge.errors import MergeError
+    from lib_merge.webui.xyz import cell_params
+    svc, model = webui["svc"], webui["model"]
+    opt = {o.label: o for o in webui["xyz"].axis_options}
+    with pytest.raises(MergeError, match=r"^adjust needs 8 numbers .*got 2 in '1,2', BlockMerge: adjust$"):
+        opt["BlockMerge: adjust"].confirm(None, ["0,0,0,0,0,0,0,0", "1,2"])
+    assert opt["BlockMerge: adjust"].prepare("0,0,0,0,0,0,0,0|2,0,0,0,0,0,0,0") == ["0,0,0,0,0,0,0,0",
+                                                                                     "2,0,0,0,0,0,0,0"]
+    assert cell_params({"model_b": "b"}, {"adjust": "2,0,0,0,0,0,0,0"}, "sd1")["adjust"] == "2,0,0,0,0,0,0,0"
+    original = fp(model)
+    svc.test_merge({"model_b": "synthB", "alpha": 0.3})
+    svc.restore()
+    cells = grid(webui, "BlockMerge: adjust", "0,0,0,0,0,0,0,0|0,0,0,5,0,0,0,0")
+    assert len(cells) == 2 and len({c.images[0].tobytes() for c in cells}) == 2
+    assert svc.xyz_cells[1]["written"] == 1  # only out.2.bias changes between the cells
+    assert fp(model) == original

@@ -258,7 +258,8 @@ def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[
         item = ITEMSIZE[kp.out_dtype]
         numel = (end - start) // item
         chunk = min(CHUNK_ELEMS, BUF_BYTES // max(item, in_items(kp)))
-        whole = kp.action in ("merge",) and (kp.channels is not None or not plan.formula.elementwise)
+        whole = kp.action in ("merge",) and (kp.channels is not None or kp.adjust is not None
+                                              or not plan.formula.elementwise)
         if whole or numel <= chunk:
             tasks.append(_Task(kp, start, 0, numel, whole))
             continue

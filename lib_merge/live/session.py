@@ -216,7 +216,7 @@ class LiveSession:
             flat = param.view(-1)
             n = flat.numel()
             scratch = self._scratch(param.device, len(caches))
-            whole = sig != ORIGINAL and (kp.channels is not None or not formula.elementwise)
+            whole = sig != ORIGINAL and (kp.channels is not None or kp.adjust is not None or not formula.elementwise)
             if whole or (sig == ORIGINAL and not check):
                 if check:
                     for s0 in range(0, n, CHUNK):
@@ -253,7 +253,7 @@ class LiveSession:
 
     @staticmethod
     def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple) -> Signature:
-        if kp is None or kp.action != "merge" or plan.formula.is_identity(kp.alpha, kp.beta):
+        if kp is None or kp.action != "merge" or (kp.adjust is None and plan.formula.is_identity(kp.alpha, kp.beta)):
             return ORIGINAL  # the live weight already holds A: nothing to write, nothing to cache
         return plan.formula.signature(kp, ids)
 

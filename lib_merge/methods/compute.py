@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..adjust import apply
 from ..plan import KeyPlan
 from .formula import Formula
 
@@ -18,6 +19,7 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
 
     ``scratch``: optional fp32 buffers (one per input, same numel as the inputs) that may be overwritten;
     ``a_ready``: ``scratch[0]`` already holds A's values in fp32 (the live sink converted them for its check).
+    Applies the key's Adjust (§1.12) last; an adjusted key is always computed whole (both sinks see to it).
     Handles the inpainting first conv (merge only the first ``kp.channels`` input channels, keep A's rest).
     """
     if kp.channels is not None:
@@ -25,7 +27,7 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
         parts = [a[:, :kp.channels].clone()] + [t[:, :kp.channels].to(device=device, dtype=torch.float32, copy=True)
                                                 for t in tensors[1:]]
         a[:, :kp.channels] = formula.compute_all(parts, kp.alpha, kp.beta, kp.key)
-        return a
+        return apply(kp.adjust, a)
     ins: list[Tensor] = []
     for i, t in enumerate(tensors):
         if scratch is not None:
@@ -35,4 +37,4 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
             ins.append(buf)
         else:
             ins.append(t.to(device=device, dtype=torch.float32, copy=True))
-    return formula.compute_all(ins, kp.alpha, kp.beta, kp.key)
+    return apply(kp.adjust, formula.compute_all(ins, kp.alpha, kp.beta, kp.key))

@@ -5,6 +5,7 @@ import math
 import re
 from typing import Any, Callable
 
+from ..adjust import parse_adjust
 from ..elemental import subtarget_rule
 from ..errors import MergeError
 from ..methods.modes import Mode, get_mode
@@ -13,7 +14,7 @@ from ..recipe import READABLE_VERSIONS, Recipe
 
 FIELDS = {"model_a", "model_b", "model_c", "more_models", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
           "preset_beta", "elemental", "dtype", "vae", "subtargets", "supermerger_time_embed_out11", "seed",
-          "method", "params", "output", "overwrite"}
+          "method", "params", "adjust", "output", "overwrite"}
 
 
 def _num(params: dict, name: str, default: float) -> float:
@@ -140,7 +141,7 @@ def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], 
                     preset_beta=_str(params, "preset_beta"), elemental=elemental, dtype=dtype, vae=vae,
                     supermerger_time_embed_out11=flag(params, "supermerger_time_embed_out11"),
                     seed=_whole(params, "seed"), method=_str(params, "method") or "linear",
-                    params=method_params(params))
+                    params=method_params(params), adjust=parse_adjust(params.get("adjust"), "adjust"))
     try:
         recipe.validate()  # choices, the rules across fields, the method with the mode and its declared params
     except MergeError as e:

@@ -217,9 +217,10 @@ def status_html(text: str, error: bool = False) -> str:
 
 
 def build_params(model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
-                 subtargets, elemental, dtype, vae, method: str | None = None, params: dict | None = None,
+                 subtargets, elemental, dtype, vae, *adjust, method: str | None = None, params: dict | None = None,
                  seed: int | None = None, more_models: list[str] | None = None) -> dict[str, Any]:
-    """UI state -> the request dict (the CLI's names) that the service and the API take."""
+    """UI state -> the request dict (the CLI's names) that the service and the API take. ``adjust``: the 8
+    Adjust sliders (none, or all zeros: no ``adjust`` field)."""
     m = MODES[mode]
     p: dict[str, Any] = {"mode": mode, "alpha": float(alpha), "beta": float(beta), "vae": vae, "dtype": dtype}
     if method:
@@ -246,7 +247,27 @@ def build_params(model_a, model_b, model_c, mode, alpha, beta, use_blocks, weigh
             p["subtargets"] = subs
     if elemental and elemental.strip():
         p["elemental"] = elemental.strip()
+    if any(float(v) for v in adjust):
+        p["adjust"] = [float(v) for v in adjust]
     return p
+
+
+ADJUST_SLIDERS = (("IN", 6), ("OUT", 6), ("OUT2", 6), ("contrast", 10), ("brightness", 10), ("cyan_red", 10),
+                  ("magenta_green", 10), ("yellow_blue", 10))  # supermerger's ranges (§1.12)
+
+
+def adjust_accordion() -> list:
+    """The Adjust accordion (8 sliders, a reset button); returns the sliders, in the engine's order."""
+    with gr.Accordion("Adjust (detail / colour, after the merge)", open=False, elem_id="blockmerge_adjust_acc"):
+        with gr.Row():
+            sliders = [gr.Slider(minimum=-lim, maximum=lim, step=0.1, value=0, label=name,
+                                 elem_id=f"blockmerge_adjust_{name}") for name, lim in ADJUST_SLIDERS[:3]]
+        with gr.Row():
+            sliders += [gr.Slider(minimum=-lim, maximum=lim, step=0.1, value=0, label=name,
+                                  elem_id=f"blockmerge_adjust_{name}") for name, lim in ADJUST_SLIDERS[3:]]
+        reset = gr.Button("Reset adjust", elem_id="blockmerge_adjust_reset")
+    reset.click(fn=lambda: [0.0] * len(sliders), inputs=[], outputs=sliders)
+    return sliders
 
 
 def _checkpoint_update():
@@ -328,6 +349,7 @@ def create_tab():
                                           elem_id="blockmerge_subtargets")
         elemental = gr.Textbox(label="Elemental rules (Blocks:Elements:Ratio, one per line; NOT, ranges IN00-IN05; "
                                      "the last matching rule wins)", lines=3, elem_id="blockmerge_elemental")
+        adjust = adjust_accordion()
         with gr.Row():
             dtype = gr.Dropdown(label="Save dtype", choices=list(DTYPE_CHOICES),
                                 value=default_dtype if default_dtype in DTYPE_CHOICES else DEFAULT_SAVE_DTYPE,
@@ -467,8 +489,10 @@ def create_tab():
         delete_preset.click(fn=on_delete_preset, inputs=[preset_name, layout], outputs=[preset, status])
 
         common = [model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
-                  subtargets, elemental, dtype, vae, method, merge_seed_box, more_models] + [c for _, _, c in param_ctls]
-        n_base = 14  # build_params' positional UI fields; then method, seed box, more models, the parameter controls
+                  subtargets, elemental, dtype, vae] + adjust + [method, merge_seed_box, more_models] + \
+            [c for _, _, c in param_ctls]
+        n_base = 14 + len(adjust)  # build_params' positional UI fields (Adjust's sliders last); then method, seed
+        # box, more models, the parameter controls
 
         def request(model_a_v, args) -> dict[str, Any]:
             """``common``'s values -> the request: build_params' fields, the method, its parameters, the seed."""

@@ -12,6 +12,7 @@ from typing import Any
 from .. import presets
 from ..arch import ARCHS
 from ..errors import MergeError
+from ..adjust import parse_adjust
 from ..dice import check_seed
 from ..methods.modes import MODES, get_mode
 from ..methods.formula import params_for
@@ -129,6 +130,8 @@ def _confirm(kind: str):
                 check_param_value(x)
             elif kind == "seed":
                 check_seed(x)
+            elif kind == "adjust":
+                parse_adjust(x, f"{PREFIX}adjust")
             elif kind == "subtargets":
                 check_subtargets([x])
             elif kind == "elemental":
@@ -166,6 +169,8 @@ def axis_options(xyz) -> list:
         A(PARAM_AXIS, str, _set("method_params"), format_value=fmt, confirm=_confirm("method_params"), cost=0.8,
           prepare=_split_bar),
         A(PREFIX + "seed", int, _set("seed"), format_value=fmt, confirm=_confirm("seed"), cost=0.8),
+        A(PREFIX + "adjust", str, _set("adjust"), format_value=fmt, confirm=_confirm("adjust"), cost=0.5,
+          prepare=_split_bar),
         A(PREFIX + "elemental", str, _set("elemental"), format_value=fmt, confirm=_confirm("elemental"), cost=0.6,
           prepare=_split_bar),
         A(PREFIX + "sub-target", str, _set("subtargets"), format_value=fmt, confirm=_confirm("subtargets"), cost=0.8,
@@ -197,7 +202,7 @@ def cell_params(base: dict | None, axes: dict[str, Any], arch_name: str) -> dict
     """The merge settings of one cell: the base recipe with the axes' values on top."""
     p = dict(base or {"mode": "weighted_sum", "alpha": 0.5})
     p.pop("model_a", None)
-    for k in ("model_b", "model_c", "mode", "alpha", "beta", "elemental", "seed"):
+    for k in ("model_b", "model_c", "mode", "alpha", "beta", "elemental", "seed", "adjust"):
         if k in axes:
             p[k] = axes[k]
     if "method" in axes and axes["method"] != (p.get("method") or "linear"):
