@@ -11,6 +11,7 @@ from lib_merge.cli import main
 from lib_merge.errors import MergeError
 from lib_merge.live import CachePolicy, LiveSession
 from lib_merge.merge import merge_to_file
+from test_live import ModuleTarget
 from lib_merge.recipe import Recipe, as_recipe
 from lib_merge.reproduce import reproduce
 
@@ -133,24 +134,10 @@ def test_reproduce_with_adjust(models, tmp_path):
     assert ok
 
 
-class _Target:
-    def __init__(self, module):
-        self.module = module
-
-    def params(self):
-        return dict(self.module.named_parameters())
-
-    def prepare(self, keys):
-        pass
-
-    def written(self, keys):
-        pass
-
-
 def test_live_equals_file_and_remerge_recomputes_six_keys(models, sd15_listing, tmp_path):
     module = S.build_module(sd15_listing, dtype=torch.float32)
     S.load_into(module, models["sd15_a"])
-    session = LiveSession(_Target(module), models["sd15_a"], cache=CachePolicy.CPU)
+    session = LiveSession(ModuleTarget(module), models["sd15_a"], cache=CachePolicy.CPU)
     try:
         ab = [str(models["sd15_a"]), str(models["sd15_b"])]
         r = Recipe(models=ab, alpha=0.3, dtype="fp32", adjust=F)
@@ -176,7 +163,7 @@ def test_live_adjust_at_alpha_zero_and_with_one_model(models, sd15_listing):
     module = S.build_module(sd15_listing, dtype=torch.float32)
     S.load_into(module, models["sd15_a"])
     a = {k: v.float() for k, v in load(models["sd15_a"]).items()}
-    session = LiveSession(_Target(module), models["sd15_a"], cache=CachePolicy.CPU)
+    session = LiveSession(ModuleTarget(module), models["sd15_a"], cache=CachePolicy.CPU)
     try:
         params = dict(module.named_parameters())
         rep = session.apply(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], alpha=0.0,

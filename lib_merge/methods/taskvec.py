@@ -37,6 +37,14 @@ def _dot(x: Tensor, y: Tensor) -> float:
     return total
 
 
+def _summed(deltas: list[Tensor]) -> Tensor:
+    """Σᵢ δᵢ, accumulated into ``deltas[0]``."""
+    total = deltas[0]
+    for d in deltas[1:]:
+        total.add_(d)
+    return total
+
+
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)  # CPU: the same numbers on every device
 
@@ -71,10 +79,7 @@ def task_arithmetic(tensors, alpha, beta, params, key, seed):
     if alpha == 0.0:
         return a
     _, deltas = _deltas(tensors)
-    tau = deltas[0]
-    for d in deltas[1:]:
-        tau.add_(d)
-    return a.add_(tau, alpha=alpha)
+    return a.add_(_summed(deltas), alpha=alpha)
 
 
 # -- TIES ---------------------------------------------------------------------------------------------------
@@ -143,10 +148,7 @@ def dare(tensors, alpha, beta, params, key, seed):
         return a
     _, deltas = _deltas(tensors)
     drop_and_rescale(deltas, params["density"], seed)
-    tau = deltas[0]
-    for d in deltas[1:]:
-        tau.add_(d)
-    return a.add_(tau, alpha=alpha)
+    return a.add_(_summed(deltas), alpha=alpha)
 
 
 @variadic_mode("dare_ties", 2, "A + alpha · τ, τ TIES' sign election and disjoint mean of the DARE-masked and "
@@ -223,10 +225,7 @@ def model_stock(tensors, alpha, beta, params, key, seed):
         return a
     _, deltas = _deltas(tensors)
     t = stock_ratio(deltas)
-    mean = deltas[0]
-    for d in deltas[1:]:
-        mean.add_(d)
-    return a.add_(mean, alpha=alpha * t / len(deltas))
+    return a.add_(_summed(deltas), alpha=alpha * t / len(deltas))
 
 
 def weiszfeld(points: list[Tensor], eps: float, max_iter: int) -> Tensor:
