@@ -8,6 +8,7 @@ from pathlib import Path
 from .arch import block_of, detect, part_of
 from .errors import MergeError
 from .io.sources import open_source
+from .methods import params_for
 
 
 def summarize(path: str | Path) -> dict:
@@ -40,7 +41,31 @@ def summarize(path: str | Path) -> dict:
         if arch is not None:
             summary["block_params"] = {b: blocks.get(b, 0) for b in arch.blocks}
         summary["metadata"] = dict(src.metadata)
+        merge = merge_summary(src.metadata.get("blockmerge_recipe"))
+        if merge:
+            summary["merge"] = merge
     return summary
+
+
+def merge_summary(recipe_json: str | None) -> dict | None:
+    """How a BlockMerge output was made, read through the mode's and method's declarations: every declared
+    parameter with its value (given, else the default). None for files without a BlockMerge recipe."""
+    try:
+        data = json.loads(recipe_json) if recipe_json else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    out = {k: data.get(k) for k in ("mode", "method", "alpha", "seed", "adjust") if data.get(k) is not None}
+    out["models"] = data.get("models") or []
+    try:
+        declared, _ = params_for(data.get("mode") or "weighted_sum", data.get("method") or "linear")
+        given = data.get("params") or {}
+        out["params"] = {p.name: given.get(p.name, p.default) for p in declared}
+        out["defaults"] = sorted(p.name for p in declared if p.name not in given)
+    except MergeError:  # a mode or method this version does not know: show what the file says
+        out["params"] = data.get("params") or {}
+    return out
 
 
 def _human(n: float) -> str:
@@ -71,6 +96,15 @@ def format_summary(s: dict) -> str:
                 row = []
         if row:
             lines.append("  " + "   ".join(row))
+    merge = s.get("merge")
+    if merge:
+        params = ", ".join(f"{k}={v}" + (" (default)" if k in merge.get("defaults", ()) else "")
+                           for k, v in merge["params"].items())
+        lines.append(f"merged with:  {merge.get('mode')} / {merge.get('method') or 'linear'}, alpha "
+                     f"{merge.get('alpha')}" + (f", {params}" if params else "")
+                     + (f", seed {merge['seed']}" if "seed" in merge else "")
+                     + (f", adjust {merge['adjust']}" if "adjust" in merge else ""))
+        lines.append(f"models:       {', '.join(map(str, merge['models']))}")
     meta = s.get("metadata") or {}
     if meta:
         lines.append("metadata:")

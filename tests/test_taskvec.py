@@ -320,3 +320,15 @@ def test_plan_reads_every_model(four):
     finally:
         for s in srcs:
             s.close()
+
+
+def test_inspect_reads_the_declaration_of_the_recorded_mode(four, tmp_path):
+    out = tmp_path / "i.safetensors"
+    merge_to_file(Recipe(models=four, mode="della", alpha=0.8, seed=9, params={"density": 0.4}), out)
+    p = cli("inspect", out)
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if x.startswith("merged with:"))
+    assert line == "merged with:  della / linear, alpha 0.8, density=0.4, epsilon=0.1 (default), seed 9"
+    assert "models:       m0.safetensors, m1.safetensors, m2.safetensors, m3.safetensors" in p.stdout
+    j = json.loads(cli("inspect", out, "--json").stdout)
+    assert j["merge"]["params"] == {"density": 0.4, "epsilon": 0.1} and j["merge"]["defaults"] == ["epsilon"]
