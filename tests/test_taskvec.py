@@ -20,7 +20,7 @@ from lib_merge.live import CachePolicy, LiveSession
 from lib_merge.merge import merge_to_file
 from lib_merge.methods import bind
 from lib_merge.methods import compute as compute_mod
-from lib_merge.methods.taskvec import keep_probabilities, keep_top, stock_ratio
+from lib_merge.methods.taskvec import disjoint_mean, keep_probabilities, keep_top, stock_ratio
 from lib_merge.recipe import Recipe
 from lib_merge.reproduce import reproduce
 from lib_merge.io.sources import open_source
@@ -88,6 +88,59 @@ def test_ties_edge_cases_density_zero_identical_and_zero_inputs():
     assert torch.equal(keep_top(d.clone(), 0.4), T([0.0, -3.0, 0.0, 2.0, 0.0]))
     assert torch.equal(keep_top(d.clone(), 0.01), T([0.0, -3.0, 0.0, 0.0, 0.0]))  # ⌈0.05⌉ = 1 kept
     assert torch.isfinite(run("ties", [A, B * 1e30, C])).all()
+
+
+# -- TIES memory: the lean keep_top / disjoint_mean give the plain formulas' bits ----------------------------
+def _plain_keep_top(d, density):
+    n, k = d.numel(), math.ceil(density * d.numel())
+    if k >= n:
+        return d
+    if k == 0:
+        return d.zero_()
+    mag = d.abs()
+    return d.masked_fill_(mag < torch.kthvalue(mag.reshape(-1), n - k + 1).values, 0.0)
+
+
+def _plain_disjoint_mean(deltas):
+    sign = sum(deltas[1:], deltas[0].clone()).sign_()
+    total, count = torch.zeros_like(sign), torch.zeros_like(sign)
+    for d in deltas:
+        agree = (d * sign) > 0
+        total.add_(d.masked_fill_(~agree, 0.0))
+        count.add_(agree)
+    return total.div_(count.clamp_(min=1.0))
+
+
+def _bits(t):
+    return t.view(torch.int32)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros", "nonfinite"])
+def test_keep_top_and_disjoint_mean_equal_the_plain_formulas_bit_for_bit(kind, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        n, m = int(torch.randint(1, 200, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        ds = []
+        for _ in range(m):
+            d = torch.randn(n, generator=g)
+            if kind != "normal":
+                d = torch.round(d * 2) / 2  # many ties with the threshold, many zeros
+            if kind in ("signed_zeros", "nonfinite"):
+                d[torch.rand(n, generator=g) < 0.1] = -0.0
+            if kind == "nonfinite":
+                for v in (float("nan"), float("inf"), -float("inf")):
+                    d[torch.rand(n, generator=g) < 0.05] = v
+            ds.append(d)
+        density = (0.0, 0.01, 0.2, 0.5, 0.99, 1.0)[trial % 6]
+        for d in ds:
+            assert torch.equal(_bits(keep_top(d.clone(), density)), _bits(_plain_keep_top(d.clone(), density)))
+        got = disjoint_mean([d.clone() for d in ds])
+        assert torch.equal(_bits(got), _bits(_plain_disjoint_mean([d.clone() for d in ds])))
+    x = torch.randn(6, 5, 3, generator=g)
+    want = _plain_keep_top(x.clone(), 0.3)
+    # on the CPU the threshold comes from an in-place partition, not torch.kthvalue (a copy plus int64 indices)
+    monkeypatch.setattr(torch, "kthvalue", lambda *a, **k: pytest.fail("kthvalue copies 3x the tensor"))
+    assert torch.equal(keep_top(x.clone(), 0.3), want)
 
 
 # -- DARE, DARE-TIES, DELLA ----------------------------------------------------------------------------------

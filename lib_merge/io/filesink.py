@@ -322,7 +322,10 @@ class FileSink:
             need = whole_bytes(kp, len(srcs))
             self.budget.acquire(need)
             try:
-                res = merge_tensors(self.plan.formula, kp, [s.read(kp.key) for s in srcs], device=self.device)
+                # each input in fp32 as soon as it is read: its file-dtype copy is freed before the next is read
+                ins = [s.read(kp.key).to(device=self.device, dtype=torch.float32) for s in srcs]
+                res = merge_tensors(self.plan.formula, kp, ins, device=self.device, owned=True)
+                del ins
                 return res.to(device="cpu", dtype=out_t).reshape(-1).view(torch.uint8)
             finally:
                 self.budget.release(need)  # the fp32 temporaries are gone: only the output-dtype result is kept

@@ -14,11 +14,12 @@ from .formula import Formula
 
 
 def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch: list[Tensor] | None = None,
-                  device: torch.device | str = "cpu", a_ready: bool = False) -> Tensor:
+                  device: torch.device | str = "cpu", a_ready: bool = False, owned: bool = False) -> Tensor:
     """fp32 result of ``formula`` (a mode bound to its method) on ``tensors`` (A first) for key plan ``kp``.
 
     ``scratch``: optional fp32 buffers (one per input, same numel as the inputs) that may be overwritten;
-    ``a_ready``: ``scratch[0]`` already holds A's values in fp32 (the live sink converted them for its check).
+    ``a_ready``: ``scratch[0]`` already holds A's values in fp32 (the live sink converted them for its check);
+    ``owned``: ``tensors`` are fp32 copies on ``device`` that may be overwritten (used as they are, not copied).
     Applies the key's Adjust (§1.12) last; an adjusted key is always computed whole (both sinks see to it).
     Handles the inpainting first conv (merge only the first ``kp.channels`` input channels, keep A's rest).
     """
@@ -30,7 +31,9 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
         return apply(kp.adjust, a)
     ins: list[Tensor] = []
     for i, t in enumerate(tensors):
-        if scratch is not None:
+        if owned:
+            ins.append(t)
+        elif scratch is not None:
             buf = scratch[i][: t.numel()].view(t.shape)
             if not (i == 0 and a_ready):
                 buf.copy_(t)

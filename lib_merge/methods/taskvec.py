@@ -83,34 +83,53 @@ def task_arithmetic(tensors, alpha, beta, params, key, seed):
 
 
 # -- TIES ---------------------------------------------------------------------------------------------------
+def _kth_smallest(mag: Tensor, kth: int) -> Tensor:
+    """The ``kth`` smallest entry (1-based) of a flat tensor this call may reorder. On the CPU a numpy in-place
+    partition (no copy; torch.kthvalue clones the input and adds an int64 index per entry: 3x its size); both
+    return the exact order statistic, NaN counted largest, so the threshold is the same value."""
+    if mag.device.type == "cpu":
+        a = mag.numpy()
+        a.partition(kth - 1)
+        return torch.tensor(a[kth - 1], dtype=mag.dtype)
+    return torch.kthvalue(mag, kth).values
+
+
 def keep_top(d: Tensor, density: float) -> Tensor:
     """``d`` with all but its top ``density`` fraction by magnitude set to 0, in place: k = ⌈density · n⌉
-    entries are kept (entries tied with the k-th largest magnitude are kept too)."""
+    entries are kept (entries tied with the k-th largest magnitude are kept too). Extra memory: one fp32 and
+    one bool copy of ``d``."""
     n = d.numel()
     k = math.ceil(density * n)
     if k >= n:
         return d
     if k == 0:
         return d.zero_()
-    mag = d.abs()
-    threshold = torch.kthvalue(mag.reshape(-1), n - k + 1).values
-    return d.masked_fill_(mag < threshold, 0.0)
+    mag = d.abs().reshape(-1)
+    threshold = _kth_smallest(mag, n - k + 1)
+    torch.abs(d.reshape(-1), out=mag)  # the selection reordered it
+    drop = torch.lt(mag, threshold)
+    del mag
+    return d.masked_fill_(drop.view(d.shape), 0.0)
 
 
 def disjoint_mean(deltas: list[Tensor]) -> Tensor:
     """TIES' merge of (trimmed) task vectors: elect each entry's sign as the sign of Σᵢ δᵢ, then take the mean
-    of the non-zero δᵢ with that sign (0 where none). Overwrites ``deltas[0]`` with the result."""
-    sign = deltas[0].clone()
+    of the non-zero δᵢ with that sign (0 where none). Overwrites ``deltas`` (``deltas[0]`` holds the result).
+    Extra memory: one fp32 sum (freed once the signs are taken), then a few bool/uint8 masks per entry."""
+    total = deltas[0].clone()
     for d in deltas[1:]:
-        sign.add_(d)
-    sign.sign_()
-    total = torch.zeros_like(sign)
-    count = torch.zeros_like(sign)
+        total.add_(d)
+    pos, neg = total > 0, total < 0  # the elected sign (NaN elects neither, as sign(NaN) * d > 0 is false)
+    del total
+    count = torch.zeros(pos.shape, dtype=torch.uint8, device=pos.device)  # at most MAX_MODELS - 1 agree
     for d in deltas:
-        agree = (d * sign) > 0  # non-zero with the elected sign
-        total.add_(d.masked_fill_(~agree, 0.0))
+        agree = (d > 0).logical_and_(pos).logical_or_((d < 0).logical_and_(neg))  # non-zero with that sign
         count.add_(agree)
-    return total.div_(count.clamp_(min=1.0))
+        d.masked_fill_(agree.logical_not_(), 0.0)
+    mean = deltas[0]  # 0 + δ₀' is δ₀' exactly, so summing into δ₀' adds the same numbers in the same order
+    for d in deltas[1:]:
+        mean.add_(d)
+    return mean.div_(count.clamp_(min=1))
 
 
 @variadic_mode("ties", 2, "A + alpha · τ, τ the disjoint mean of the task vectors trimmed to their top density "
