@@ -148,6 +148,9 @@ def test_extract_argument_errors(models, tmp_path):
         extract_lora(b, a, out, energy=1.5)
     with pytest.raises(MergeError, match=r"SDXL.*sd15_a"):
         extract_lora(models["sdxl_b"], a, out, rank=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeError, match="CUDA is not available, --device cuda"):
+            extract_lora(b, a, out, rank=2, device="cuda")
     with pytest.raises(MergeError, match="nothing to extract"):
         extract_lora(a, a, out, rank=2)
     assert not out.exists()
@@ -231,6 +234,11 @@ def test_unmatched_and_unsupported_modules_are_errors_naming_them(models, tmp_pa
                      {"lora_unet_input_blocks_99_1_proj_in": (torch.ones(3, 1), torch.ones(1, 3), None)})
     with pytest.raises(MergeError, match="no matching weight.*lora_unet_input_blocks_99_1_proj_in"):
         bake_loras(models["sd15_a"], [LoraInput(bad)], out)
+    for name, hint in (("lora_te2_text_model_encoder_layers_0_mlp_fc1", "OpenCLIP"),
+                       ("lora_unet_down_blocks_0_attentions_0_proj_in", "diffusers-style")):
+        other = _hand_lora(tmp_path / "other.safetensors", {name: (torch.ones(3, 1), torch.ones(1, 3), None)})
+        with pytest.raises(MergeError, match=f"no matching weight.*{hint}.*{name}"):
+            bake_loras(models["sdxl_a"], [LoraInput(other)], out)
     loha = tmp_path / "loha.safetensors"
     save_file({"lora_unet_input_blocks_1_1_proj_in.hada_w1_a": torch.ones(3, 2),
                "lora_unet_input_blocks_1_1_proj_in.hada_w1_b": torch.ones(2, 3)}, str(loha))

@@ -56,6 +56,18 @@ def parse_lora_arg(text: str) -> LoraInput:
     return LoraInput(Path(text))
 
 
+DIFFUSERS_PARTS = ("_down_blocks_", "_up_blocks_", "_mid_block_")
+
+
+def unmatched_hint(name: str) -> str:
+    """Why a module name may not match: a kind of name this version does not map yet."""
+    if name.startswith("lora_te2_") or name.startswith("lora_te_text_model_") and "_resblocks_" in name:
+        return " (OpenCLIP text encoder modules are not supported yet)"
+    if name.startswith("lora_unet_") and any(p in name for p in DIFFUSERS_PARTS):
+        return " (diffusers-style module names are not supported yet: only compvis-style names)"
+    return ""
+
+
 def plan_patches(loras: list[LoraInput], shapes: dict[str, tuple[int, ...]]
                  ) -> dict[str, list[tuple[LoraModule, float]]]:
     """Model key -> the (module, strength) pairs that patch it; checks names and shapes first."""
@@ -65,7 +77,8 @@ def plan_patches(loras: list[LoraInput], shapes: dict[str, tuple[int, ...]]
         for name, mod in read_lora(lo.path).items():
             key = names.get(name)
             if key is None:
-                raise MergeError(f"LoRA module has no matching weight in the model, {lo.path} module {name}")
+                raise MergeError(f"LoRA module has no matching weight in the model{unmatched_hint(name)}, "
+                                 f"{lo.path} module {name}")
             shape = shapes[key]
             want = (shape[0], math.prod(shape[1:]))
             got = (mod.up.shape[0], math.prod(mod.down.shape[1:]))
