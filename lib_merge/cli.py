@@ -143,6 +143,8 @@ def _lora_parser(sub, common) -> None:
                    help="also extract the CLIP-L text encoder (SD1; SDXL's first); OpenCLIP is not covered yet")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="LoRA dtype (default fp16)")
     e.add_argument("--device", default="cpu", help="SVD device: cpu (default) or cuda")
+    e.add_argument("--exact-svd", dest="exact_svd", action="store_true", help="always the exact SVD (by default a "
+                   "rank small against the matrix uses a randomized SVD, within 1 %% of the exact error)")
     e.add_argument("--overwrite", action="store_true", help=MERGE_HELP["overwrite"])
     e.add_argument("--verbose", action="store_true", help="print every module's rank and relative error")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -357,7 +359,7 @@ def cmd_lora(args) -> int:
         from .lora.extract import extract_lora
         res = extract_lora(args.tuned, args.base, args.output, rank=args.rank, energy=args.energy,
                            conv_rank=args.conv_rank, text_encoder=args.text_encoder, dtype=args.dtype,
-                           device=args.device, overwrite=args.overwrite)
+                           device=args.device, overwrite=args.overwrite, exact=args.exact_svd)
         if args.json:
             print(json.dumps(res.to_json(), indent=1))
             return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -289,7 +290,37 @@ def test_cli_lora_commands(models, tmp_path, capsys):
 def test_cli_extract_json_lists_every_module(models, tmp_path, capsys):
     out = tmp_path / "j.safetensors"
     assert main(["lora", "extract", str(models["sd15_b"]), str(models["sd15_a"]), "-o", str(out),
-                 "--energy", "0.95", "--json", "-q"]) == 0
+                 "--energy", "0.95", "--json", "--exact-svd", "-q"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["modules"]) == len(read_lora(out))
     assert all(0 <= m["rel_error"] <= (1 - 0.95) ** 0.5 + 1e-6 for m in data["modules"])
+    assert {m["method"] for m in data["modules"]} == {"exact"}
+
+
+# -- randomized SVD ------------------------------------------------------------------------------------------
+def _decaying(rows, cols, gen):
+    u, _ = torch.linalg.qr(torch.randn(rows, min(rows, cols), generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(cols, min(rows, cols), generator=gen))
+    s = torch.arange(1, min(rows, cols) + 1, dtype=torch.float32) ** -0.7
+    return (u * s) @ v.T
+
+
+@pytest.mark.parametrize("kind,shape,rank", [("gauss", (200, 600), 8), ("decay", (300, 300), 16),
+                                             ("gauss", (128, 128, 3, 3), 8), ("decay", (96, 960), 4)])
+def test_randomized_svd_stays_within_one_percent_of_exact(kind, shape, rank):
+    from lib_merge.lora.svd import factorize
+    gen = torch.Generator().manual_seed(3)
+    mat = torch.randn(shape[0], math.prod(shape[1:]), generator=gen) if kind == "gauss" else _decaying(*shape, gen)
+    delta = mat.reshape(shape)
+    fast = factorize(delta, rank=rank)
+    assert fast.method == "lowrank" and fast.rank == rank
+    s = torch.linalg.svdvals(mat.double())
+    exact_err = float((s[rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+    approx = (fast.up.reshape(shape[0], rank) @ fast.down.reshape(rank, -1)).double()
+    measured = float((mat.double() - approx).norm() / mat.double().norm())
+    assert exact_err <= measured * (1 + 1e-5) and measured <= exact_err * 1.01
+    assert fast.rel_error == pytest.approx(measured, rel=1e-4)
+    again = factorize(delta, rank=rank)
+    assert torch.equal(again.up, fast.up) and torch.equal(again.down, fast.down)  # seeded: reproducible files
+    assert factorize(delta, rank=rank, exact=True).method == "exact"
+    assert factorize(delta, energy=0.5).method == "exact"

@@ -37,6 +37,7 @@ class ModuleReport:
     shape: tuple[int, ...]
     rank: int
     rel_error: float
+    method: str = "exact"  # SVD used: exact | lowrank
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ExtractResult:
         errs = [m.rel_error for m in self.modules]
         ranks = [m.rank for m in self.modules]
         lines = [f"{len(self.modules)} modules written ({self.arch}), {len(self.unchanged)} unchanged and left out"]
+        fast = sum(1 for m in self.modules if m.method == "lowrank")
+        if fast:
+            lines.append(f"{fast} modules by randomized SVD (within 1 % of the exact error; --exact-svd for exact)")
         if errs:
             lines.append(f"rank kept: min {min(ranks)}, median {statistics.median(ranks):g}, max {max(ranks)}")
             lines.append(f"relative error: min {min(errs):.3g}, median {statistics.median(errs):.3g}, "
@@ -61,14 +65,14 @@ class ExtractResult:
             lines.append(f"note: {self.uncovered_te} OpenCLIP text-encoder weights are not extracted in this "
                          f"version (SD2 / SDXL second text encoder)")
         if verbose:
-            lines += [f"  {m.name}  rank {m.rank}  error {m.rel_error:.4g}" for m in self.modules]
+            lines += [f"  {m.name}  rank {m.rank}  error {m.rel_error:.4g}  {m.method}" for m in self.modules]
         return lines
 
     def to_json(self) -> dict:
         return {"output": str(self.output), "sha256": self.sha256, "arch": self.arch, "seconds": self.seconds,
                 "unchanged": self.unchanged, "uncovered_text_encoder": self.uncovered_te,
                 "modules": [{"name": m.name, "key": m.key, "shape": list(m.shape), "rank": m.rank,
-                             "rel_error": m.rel_error} for m in self.modules]}
+                             "rel_error": m.rel_error, "method": m.method} for m in self.modules]}
 
 
 def _rank_rule(shape: tuple[int, ...], rank: int | None, energy: float | None,
@@ -81,7 +85,8 @@ def _rank_rule(shape: tuple[int, ...], rank: int | None, energy: float | None,
 def extract_lora(tuned: str | os.PathLike, base: str | os.PathLike, output: str | os.PathLike, *,
                  rank: int | None = None, energy: float | None = None, conv_rank: int | None = None,
                  text_encoder: bool = False, dtype: str = "fp16", device: str = "cpu",
-                 overwrite: bool = False) -> ExtractResult:
+                 overwrite: bool = False, exact: bool = False) -> ExtractResult:
+    """``exact``: always the exact SVD (by default a fixed small rank uses the randomized one, see ``svd``)."""
     t0 = time.monotonic()
     if (rank is None) == (energy is None):
         raise MergeError("give exactly one of --rank N or --energy FRACTION, --rank/--energy")
@@ -117,9 +122,9 @@ def extract_lora(tuned: str | os.PathLike, base: str | os.PathLike, output: str 
             if not bool(torch.isfinite(delta).all()):
                 raise MergeError(f"non-finite values in the difference, key {key}")
             r, e = _rank_rule(shape, rank, energy, conv_rank)
-            f = factorize(delta, rank=r, energy=e)
+            f = factorize(delta, rank=r, energy=e, exact=exact)
             factors[name] = f
-            reports.append(ModuleReport(name, key, shape, f.rank, f.rel_error))
+            reports.append(ModuleReport(name, key, shape, f.rank, f.rel_error, f.method))
         uncovered = uncovered_text_encoder(ts.shapes()) if text_encoder else 0
     st = OUT_DTYPES[dtype]
     entries, tensors = [], {}
@@ -134,6 +139,7 @@ def extract_lora(tuned: str | os.PathLike, base: str | os.PathLike, output: str 
     recipe = {
         "type": "blockmerge_lora", "lora": "extract", "tuned": file_name(tuned), "base": file_name(base),
         "rank": rank, "energy": energy, "conv_rank": conv_rank, "text_encoder": text_encoder, "dtype": dtype,
+        "exact_svd": exact,
         "inputs": [{"role": "tuned", "name": file_name(tuned), "sha256": hashing.sha256_file(tuned)},
                    {"role": "base", "name": file_name(base), "sha256": hashing.sha256_file(base)}],
     }
