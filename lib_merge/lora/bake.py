@@ -105,9 +105,9 @@ def bake_loras(model: str | os.PathLike, loras: list[LoraInput], output: str | o
             todo = patches.get(key)
             if not todo:
                 return w
-            acc = w.to(torch.float32).reshape(w.shape[0], -1).clone()
+            acc = w.to(torch.float32, copy=True).reshape(w.shape[0], -1)
             for mod, strength in todo:
-                acc += strength * mod.delta()
+                mod.add_to(acc, strength)
             return acc.reshape(w.shape)
 
         recipe = {

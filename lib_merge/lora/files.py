@@ -36,11 +36,15 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def delta(self) -> torch.Tensor:
-        """up @ down · alpha/rank in fp32, flattened to (out, in·k·k) (conv factors are reshaped to matrices)."""
-        up = self.up.to(torch.float32).reshape(self.up.shape[0], -1)
-        down = self.down.to(torch.float32).reshape(self.down.shape[0], -1)
-        return (up @ down) * self.scale
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """up (out, r) and down (r, in·k·k) in fp32: conv factors reshaped to the matrices they multiply as."""
+        return (self.up.to(torch.float32).reshape(self.up.shape[0], -1),
+                self.down.to(torch.float32).reshape(self.down.shape[0], -1))
+
+    def add_to(self, acc: torch.Tensor, strength: float) -> None:
+        """acc += strength · up @ down · alpha/rank, in place (one fused matmul-add, no ΔW temporary)."""
+        up, down = self.matrices()
+        acc.addmm_(up, down, alpha=strength * self.scale)
 
 
 def _split(key: str) -> tuple[str, str]:
