@@ -324,3 +324,20 @@ def test_randomized_svd_stays_within_one_percent_of_exact(kind, shape, rank):
     assert torch.equal(again.up, fast.up) and torch.equal(again.down, fast.down)  # seeded: reproducible files
     assert factorize(delta, rank=rank, exact=True).method == "exact"
     assert factorize(delta, energy=0.5).method == "exact"
+
+
+@pytest.mark.parametrize("chunk", [45, 100, 1 << 18])  # one row, two rows (uneven last block), all rows
+def test_patched_row_blocks_equal_the_formula(monkeypatch, chunk):
+    from lib_merge.lora import bake
+    from lib_merge.lora.files import LoraModule
+    monkeypatch.setattr(bake, "CHUNK_ELEMS", chunk)
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(7, 5, 3, 3, generator=g)
+    m1 = LoraModule("a", torch.randn(7, 2, 1, 1, generator=g), torch.randn(2, 5, 3, 3, generator=g), 1.0)
+    m2 = LoraModule("b", torch.randn(7, 3, 1, 1, generator=g), torch.randn(3, 5, 3, 3, generator=g), 3.0)
+    want = (w.reshape(7, -1) + 0.5 * 0.5 * (m1.up.reshape(7, 2) @ m1.down.reshape(2, -1))
+            - 2.0 * 1.0 * (m2.up.reshape(7, 3) @ m2.down.reshape(3, -1))).reshape(w.shape)
+    got = bake.patched(w, [(m1, 0.5), (m2, -2.0)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    half = bake.patched(w.half(), [(m1, 0.5)])
+    assert half.dtype == torch.float16

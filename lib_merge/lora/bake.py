@@ -89,6 +89,27 @@ def plan_patches(loras: list[LoraInput], shapes: dict[str, tuple[int, ...]]
     return patches
 
 
+CHUNK_ELEMS = 1 << 18  # fp32 elements per row block: stays in cache, no full-size fp32 temporary
+
+
+def patched(w: torch.Tensor, todo: list[tuple[LoraModule, float]]) -> torch.Tensor:
+    """W + Σ strength · up @ down · alpha/rank in W's dtype, computed in fp32 one block of rows at a time."""
+    mat = w.reshape(w.shape[0], -1)
+    rows, cols = mat.shape
+    factors = [(*mod.matrices(), strength * mod.scale) for mod, strength in todo]
+    out = torch.empty_like(mat)
+    step = max(1, CHUNK_ELEMS // max(cols, 1))
+    buf = torch.empty(min(step, rows), cols, dtype=torch.float32)
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        acc = buf[:j - i]
+        acc.copy_(mat[i:j])
+        for up, down, scale in factors:
+            acc.addmm_(up[i:j], down, alpha=scale)
+        out[i:j].copy_(acc)
+    return out.reshape(w.shape)
+
+
 def bake_loras(model: str | os.PathLike, loras: list[LoraInput], output: str | os.PathLike, *,
                overwrite: bool = False) -> BakeResult:
     t0 = time.monotonic()
@@ -103,12 +124,7 @@ def bake_loras(model: str | os.PathLike, loras: list[LoraInput], output: str | o
         def produce(key: str) -> torch.Tensor:
             w = src.read(key)
             todo = patches.get(key)
-            if not todo:
-                return w
-            acc = w.to(torch.float32, copy=True).reshape(w.shape[0], -1)
-            for mod, strength in todo:
-                mod.add_to(acc, strength)
-            return acc.reshape(w.shape)
+            return patched(w, todo) if todo else w
 
         recipe = {
             "type": "blockmerge_lora", "lora": "bake", "model": file_name(model),

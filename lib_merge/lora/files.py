@@ -41,11 +41,6 @@ class LoraModule:
         return (self.up.to(torch.float32).reshape(self.up.shape[0], -1),
                 self.down.to(torch.float32).reshape(self.down.shape[0], -1))
 
-    def add_to(self, acc: torch.Tensor, strength: float) -> None:
-        """acc += strength · up @ down · alpha/rank, in place (one fused matmul-add, no ΔW temporary)."""
-        up, down = self.matrices()
-        acc.addmm_(up, down, alpha=strength * self.scale)
-
 
 def _split(key: str) -> tuple[str, str]:
     for suffix in PARTS:
