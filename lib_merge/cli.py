@@ -1,4 +1,4 @@
-"""Command line: ``blockmerge`` (or ``python -m lib_merge``) ``merge|inspect|presets|methods|reproduce|demo``.
+"""Command line: ``blockmerge`` (or ``python -m lib_merge``) ``merge|inspect|presets|methods|reproduce|lora|demo``.
 
 Every fault a user can cause ends as one line ``error: <what>, <which>`` and exit code 2 (``--debug`` shows the
 traceback); Ctrl-C and SIGTERM end as one line too (exit 130 / 143), after the partial output is removed.
@@ -32,6 +32,8 @@ EPILOG = """examples:
   {prog} merge --recipe recipe.yaml -o out.safetensors --weights GRAD_A
   {prog} inspect out.safetensors
   {prog} reproduce out.safetensors
+  {prog} lora extract TUNED.safetensors BASE.safetensors -o diff.safetensors --rank 32
+  {prog} lora bake MODEL.safetensors style.safetensors:0.8 -o baked.safetensors
 """
 
 MERGE_HELP = {
@@ -120,6 +122,40 @@ def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
     return p
 
 
+def _lora_parser(sub, common) -> None:
+    """``lora extract`` and ``lora bake`` (first slice of issue 13)."""
+    lo = sub.add_parser("lora", help="extract a LoRA from two checkpoints, or bake LoRAs into a checkpoint",
+                        parents=[common])
+    lsub = lo.add_subparsers(dest="lora_cmd", metavar="extract|bake")
+    lsub.required = True
+    e = lsub.add_parser("extract", parents=[common], help="ΔW = TUNED − BASE per Linear/Conv weight, "
+                        "truncated by SVD, as a kohya/A1111 LoRA file the WebUI loads")
+    e.add_argument("tuned", metavar="TUNED")
+    e.add_argument("base", metavar="BASE")
+    e.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, default=None, help="rank kept per module (capped by its smaller side)")
+    g.add_argument("--energy", type=float, default=None, metavar="FRACTION",
+                   help="per module, the smallest rank keeping this fraction of ΔW's squared Frobenius norm")
+    e.add_argument("--conv-rank", dest="conv_rank", type=int, default=None,
+                   help="rank of conv k×k (k > 1) modules (default: as --rank / --energy)")
+    e.add_argument("--text-encoder", dest="text_encoder", action="store_true",
+                   help="also extract the CLIP-L text encoder (SD1; SDXL's first); OpenCLIP is not covered yet")
+    e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="LoRA dtype (default fp16)")
+    e.add_argument("--device", default="cpu", help="SVD device: cpu (default) or cuda")
+    e.add_argument("--exact-svd", dest="exact_svd", action="store_true", help="always the exact SVD (by default a "
+                   "rank small against the matrix uses a randomized SVD, within 1 %% of the exact error)")
+    e.add_argument("--overwrite", action="store_true", help=MERGE_HELP["overwrite"])
+    e.add_argument("--verbose", action="store_true", help="print every module's rank and relative error")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    b = lsub.add_parser("bake", parents=[common], help="W' = W + strength · (up @ down) · (alpha / rank)")
+    b.add_argument("model", metavar="MODEL")
+    b.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]", help="LoRA .safetensors files (strength 1 "
+                   "by default)")
+    b.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
+    b.add_argument("--overwrite", action="store_true", help=MERGE_HELP["overwrite"])
+
+
 def default_prog() -> str:
     """``blockmerge`` (the console script), or ``python -m lib_merge`` when run that way."""
     return "python -m lib_merge" if os.path.basename(sys.argv[0] or "") == "__main__.py" else "blockmerge"
@@ -159,6 +195,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    "the hash cache, the output's folder and the current folder are always looked in")
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--threads", type=int, default=None)
+    _lora_parser(sub, common)
     d = sub.add_parser("demo", help="build two small checkpoints with the real SD1.5 key layout, merge them, inspect",
                        parents=[common])
     d.add_argument("dir", nargs="?", default=None, help="parent folder (a fresh subfolder is made each run)")
@@ -316,6 +353,29 @@ def cmd_reproduce(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_lora(args) -> int:
+    if args.lora_cmd == "extract":
+        import json
+        from .lora.extract import extract_lora
+        res = extract_lora(args.tuned, args.base, args.output, rank=args.rank, energy=args.energy,
+                           conv_rank=args.conv_rank, text_encoder=args.text_encoder, dtype=args.dtype,
+                           device=args.device, overwrite=args.overwrite, exact=args.exact_svd)
+        if args.json:
+            print(json.dumps(res.to_json(), indent=1))
+            return 0
+        for line in res.summary(args.verbose):
+            print(line)
+        print(f"wrote {res.output} in {res.seconds:.2f} s")
+        print(f"sha256 {res.sha256}")
+        return 0
+    from .lora.bake import bake_loras, parse_lora_arg
+    res = bake_loras(args.model, [parse_lora_arg(t) for t in args.loras], args.output, overwrite=args.overwrite)
+    print(f"baked {res.modules} LoRA modules into {res.patched} weights ({res.arch})")
+    print(f"wrote {res.output} in {res.seconds:.2f} s")
+    print(f"sha256 {res.sha256}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.dir)
@@ -323,7 +383,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "presets": cmd_presets, "methods": cmd_methods,
-            "reproduce": cmd_reproduce,
+            "reproduce": cmd_reproduce, "lora": cmd_lora,
             "demo": cmd_demo}
 
 

@@ -1,0 +1,6 @@
+"""LoRA on the merge engine (issue 13, first slice): extract a LoRA from two checkpoints, bake LoRAs into one.
+
+One concept per module: ``names`` (checkpoint key <-> kohya/A1111 module name), ``svd`` (truncated SVD and rank
+choice), ``files`` (reading and writing LoRA safetensors), ``writer`` (a streamed safetensors sink),
+``extract`` and ``bake``.
+"""
