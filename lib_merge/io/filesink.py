@@ -70,6 +70,44 @@ def partial_path(target: Path, pid: int | None = None) -> Path:
     return target.with_name(f".{target.name}.{os.getpid() if pid is None else pid}.partial")
 
 
+class PartialFile:
+    """The one way outputs are written: ``.NAME.PID.partial`` beside ``target``, opened exclusively; ``commit()``
+    closes it (a full disk on a network file system may show only then), re-checks the target and renames;
+    leaving the ``with`` block without a commit removes the partial file."""
+
+    def __init__(self, target: Path, overwrite: bool):
+        self.target, self.overwrite = target, overwrite
+        self.tmp = partial_path(target)
+        self.fd = -1
+        self.done = False
+
+    def __enter__(self) -> "PartialFile":
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise write_error(e, self.target) from None
+        return self
+
+    def commit(self) -> None:
+        closing, self.fd = self.fd, -1
+        _checked(os.close, self.target, closing)
+        if self.target.is_dir():
+            raise MergeError(f"output is a folder, {self.target}")
+        if self.target.exists() and not self.overwrite:
+            raise MergeError(f"output exists (use --overwrite to replace it), {self.target}")
+        _checked(os.replace, self.target, self.tmp, self.target)
+        self.done = True
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        if not self.done:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
         return True
@@ -362,13 +400,8 @@ class FileSink:
         total = max((e for _, e in offsets.values()), default=len(header))
         target = Path(target)
         check_free_space(target, total)
-        tmp = partial_path(target)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as e:
-            raise write_error(e, target) from None
-        ok = False
-        try:
+        with PartialFile(target, overwrite) as out:
+            fd = out.fd
             _checked(os.ftruncate, target, fd, total)
             h = hashlib.sha256()
             _pwrite_all(fd, memoryview(header), 0, target)
@@ -405,24 +438,9 @@ class FileSink:
                     raise
             if written != total:
                 raise InternalError(f"wrote {written} of {total} bytes, {target}")
-            closing, fd = fd, -1
-            _checked(os.close, target, closing)  # network file systems may report a full disk only here
-            if target.is_dir():
-                raise MergeError(f"output is a folder, {target}")
-            if target.exists() and not overwrite:
-                raise MergeError(f"output exists (use --overwrite), {target}")
-            _checked(os.replace, target, tmp, target)
-            ok = True
+            out.commit()
             self.plan.report.notes.extend(self.nonfinite.notes())
             return h.hexdigest()
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            if not ok:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
 
     @staticmethod
     def _drain_one(fd, h, pending, pool, written, total, progress, cancel, target) -> int:

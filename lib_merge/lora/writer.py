@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,8 +16,8 @@ from typing import Callable, Iterable
 import torch
 
 from ..dtypes import ITEMSIZE, ST_TO_TORCH
-from ..errors import InternalError, MergeError
-from ..io.filesink import _pwrite_all, partial_path, prepare_output, write_error
+from ..errors import InternalError
+from ..io.filesink import PartialFile, _pwrite_all, prepare_output
 
 
 @dataclass(frozen=True)
@@ -54,15 +53,9 @@ def write_streamed(target: Path, entries: Iterable[Entry], produce: Callable[[st
     total = len(head) + sum(e.nbytes for e in entries)
     target = Path(target)
     prepare_output(target, total)
-    tmp = partial_path(target)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as e:
-        raise write_error(e, target) from None
-    ok = False
-    try:
+    with PartialFile(target, overwrite) as out:
         h = hashlib.sha256()
-        _pwrite_all(fd, memoryview(head), 0, target)
+        _pwrite_all(out.fd, memoryview(head), 0, target)
         h.update(head)
         for e in entries:
             t = produce(e.key)
@@ -70,23 +63,7 @@ def write_streamed(target: Path, entries: Iterable[Entry], produce: Callable[[st
                 raise InternalError(f"{e.key} produced shape {tuple(t.shape)}, expected {e.shape}")
             data = t.detach().to("cpu", ST_TO_TORCH[e.dtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
             mv = memoryview(data)
-            _pwrite_all(fd, mv, starts[e.key], target)
+            _pwrite_all(out.fd, mv, starts[e.key], target)
             h.update(mv)
-        os.close(fd)
-        fd = -1
-        if target.exists() and not overwrite:
-            raise MergeError(f"output exists (use --overwrite to replace it), {target}")
-        try:
-            os.replace(tmp, target)
-        except OSError as err:
-            raise write_error(err, target) from None
-        ok = True
+        out.commit()
         return h.hexdigest()
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if not ok:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
