@@ -29,6 +29,8 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
                                                 for t in tensors[1:]]
         a[:, :kp.channels] = formula.compute_all(parts, kp.alpha, kp.beta, kp.key)
         return apply(kp.adjust, a)
+    if formula.mode.streams:  # reads the inputs as they are and never writes them: no fp32 copies
+        return apply(kp.adjust, formula.compute_all([t.to(device) for t in tensors], kp.alpha, kp.beta, kp.key))
     ins: list[Tensor] = []
     for i, t in enumerate(tensors):
         if owned:

@@ -4,7 +4,8 @@ A mode function gets fp32 tensors ``a``, ``b``, ``c`` (``None`` when the mode ta
 key's final ratios ``alpha`` and ``beta``. A variadic mode (any number of models, A the base: task arithmetic,
 TIES, …) gets the list of tensors, the ratios, its declared parameters, the key and the key's seed instead
 (``methods/taskvec.py``). The inputs are scratch buffers owned by the engine: a function may
-overwrite them and return one of them. Shortcuts (ratio 0 or 1) live here so that file merges and live
+overwrite them and return one of them; a mode declared ``streams`` instead gets the inputs in their own dtype,
+never writes them and returns a new fp32 tensor (``methods/streamed.py``). Shortcuts (ratio 0 or 1) live here so that file merges and live
 merges give the same numbers.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Mode:
     seeded: bool = False  # draws random numbers from the recipe's seed
     per_key_ratio: bool = True  # False: alpha is not read, so block weights and elemental rules are refused
     check_models: Callable[[Mapping[str, Any], int], Optional[str]] | None = None  # params vs the model count
+    streams: bool = False  # fn reads its inputs in their own dtype, never writes them, returns a new fp32 tensor
 
     def is_identity(self, alpha: float, beta: float) -> bool:
         """The result is A itself for these ratios: a live merge need not touch (or cache) the key."""
@@ -68,13 +70,14 @@ def mode(name: str, models: int, formula: str, uses_beta: bool = False, elementw
 
 def variadic_mode(name: str, models: int, formula: str, params: tuple[Param, ...] = (), elementwise: bool = False,
                   seeded: bool = False, per_key_ratio: bool = True,
-                  check_models: Callable[[Mapping[str, Any], int], Optional[str]] | None = None):
+                  check_models: Callable[[Mapping[str, Any], int], Optional[str]] | None = None,
+                  streams: bool = False):
     """Register a mode over any number (``models`` or more) of models, A the base. Its function returns A
     untouched when alpha is 0 (unless it reads no per-key ratio)."""
     def deco(fn: VariadicFn) -> VariadicFn:
         keeps = _alpha_zero if per_key_ratio else None
         MODES[name] = Mode(name, models, False, elementwise, formula, fn, None, keeps, True, params, seeded,
-                           per_key_ratio, check_models)
+                           per_key_ratio, check_models, streams)
         return fn
     return deco
 

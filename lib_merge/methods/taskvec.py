@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from . import streamed as S
 from .params import Param
 from .modes import variadic_mode
 
@@ -43,14 +45,6 @@ def _summed(deltas: list[Tensor]) -> Tensor:
     for d in deltas[1:]:
         total.add_(d)
     return total
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(seed)  # CPU: the same numbers on every device
-
-
-def _rand_like(t: Tensor, g: torch.Generator) -> Tensor:
-    return torch.rand(t.shape, generator=g, dtype=torch.float32).to(t.device)
 
 
 # -- linear combination, task arithmetic -------------------------------------------------------------------
@@ -132,51 +126,72 @@ def disjoint_mean(deltas: list[Tensor]) -> Tensor:
     return mean.div_(count.clamp_(min=1))
 
 
+def _on_cpu(tensors: list[Tensor]) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def _fp32_copies(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.to(torch.float32, copy=True) for t in tensors]
+
+
 @variadic_mode("ties", 2, "A + alpha · τ, τ the disjoint mean of the task vectors trimmed to their top density "
-               "fraction by magnitude, with the sign of their sum elected per entry", params=(DENSITY,))
+               "fraction by magnitude, with the sign of their sum elected per entry", params=(DENSITY,),
+               streams=True)
 def ties(tensors, alpha, beta, params, key, seed):
-    a = tensors[0]
     if alpha == 0.0:
-        return a
-    _, deltas = _deltas(tensors)
+        return tensors[0].to(torch.float32, copy=True)
+    if _on_cpu(tensors):
+        return S.ties(tensors, alpha, params["density"], disjoint_mean)
+    a, deltas = _deltas(_fp32_copies(tensors))
     for d in deltas:
         keep_top(d, params["density"])
     return a.add_(disjoint_mean(deltas), alpha=alpha)
 
 
 # -- DARE, DARE-TIES, DELLA -----------------------------------------------------------------------------------
+def _keep_mask(seed: int, model: int, like: Tensor, p: Tensor | float) -> Tensor:
+    """Model ``model``'s keep mask for a whole task vector (True where kept), drawn on the CPU."""
+    u = S.KeepDraws(seed, model).next(like.numel())
+    if isinstance(p, Tensor):
+        keep = S.keep_varying(u, p.reshape(-1).cpu().numpy())
+    else:
+        keep = S.keep_fixed(u, p, np.empty(like.numel(), dtype=bool))
+    return torch.from_numpy(keep).to(like.device).view(like.shape)
+
+
 def drop_and_rescale(deltas: list[Tensor], density: float, seed: int) -> None:
-    """DARE, in place: keep each entry with probability ``density`` (one Bernoulli mask per model, drawn in
-    model order from the key's generator) and divide the kept ones by ``density``."""
-    g = _generator(seed)
-    for d in deltas:
-        drop = _rand_like(d, g) >= density
+    """DARE on whole task vectors, in place: keep each entry with probability ``density`` (model i's mask from
+    its own stream of the key's draws, ``streamed.KeepDraws``) and divide the kept ones by ``density``."""
+    for i, d in enumerate(deltas, 1):
+        keep = _keep_mask(seed, i, d, density)
         if density > 0.0:
             d.div_(density)
-        d.masked_fill_(drop, 0.0)
+        d.masked_fill_(keep.logical_not_(), 0.0)
 
 
 SEED_NOTE = "; masks drawn per key from the recipe's seed"
 
 
 @variadic_mode("dare", 2, "A + alpha · Σᵢ (mᵢ ⊙ δᵢ) / density, mᵢ a Bernoulli(density) mask per entry" + SEED_NOTE,
-               params=(DENSITY,), seeded=True)
+               params=(DENSITY,), seeded=True, streams=True)
 def dare(tensors, alpha, beta, params, key, seed):
-    a = tensors[0]
     if alpha == 0.0:
-        return a
-    _, deltas = _deltas(tensors)
+        return tensors[0].to(torch.float32, copy=True)
+    if _on_cpu(tensors):
+        return S.dare(tensors, alpha, params["density"], seed, False, _summed)
+    a, deltas = _deltas(_fp32_copies(tensors))
     drop_and_rescale(deltas, params["density"], seed)
     return a.add_(_summed(deltas), alpha=alpha)
 
 
 @variadic_mode("dare_ties", 2, "A + alpha · τ, τ TIES' sign election and disjoint mean of the DARE-masked and "
-               "rescaled task vectors" + SEED_NOTE, params=(DENSITY,), seeded=True)
+               "rescaled task vectors" + SEED_NOTE, params=(DENSITY,), seeded=True, streams=True)
 def dare_ties(tensors, alpha, beta, params, key, seed):
-    a = tensors[0]
     if alpha == 0.0:
-        return a
-    _, deltas = _deltas(tensors)
+        return tensors[0].to(torch.float32, copy=True)
+    if _on_cpu(tensors):
+        return S.dare(tensors, alpha, params["density"], seed, True, disjoint_mean)
+    a, deltas = _deltas(_fp32_copies(tensors))
     drop_and_rescale(deltas, params["density"], seed)
     return a.add_(disjoint_mean(deltas), alpha=alpha)
 
@@ -207,10 +222,9 @@ def della(tensors, alpha, beta, params, key, seed):
     if alpha == 0.0:
         return a
     _, deltas = _deltas(tensors)
-    g = _generator(seed)
-    for d in deltas:
+    for i, d in enumerate(deltas, 1):
         p = keep_probabilities(d, params["density"], params["epsilon"])
-        keep = _rand_like(d, g) < p
+        keep = _keep_mask(seed, i, d, p)
         d.div_(p.masked_fill_(~keep, 1.0)).masked_fill_(~keep, 0.0)
     return a.add_(disjoint_mean(deltas), alpha=alpha)
 
