@@ -242,12 +242,27 @@ class _Pool:
         self.q.put(buf)
 
 
+ARENA_MAX = 64 << 20  # largest whole input a thread keeps a buffer for between tasks (bytes)
+
+
 class _Scratch(threading.local):
-    """Per-thread read and fp32 buffers, one per input (grown to the inputs a task reads)."""
+    """Per-thread read and fp32 buffers, one per input (grown to the inputs a task reads), and whole-tensor
+    read buffers for modes that stream their inputs (reused: a fresh buffer costs a page fault per 4 KiB)."""
 
     def __init__(self):
         self.raw: list[torch.Tensor] = []
         self.f32: list[torch.Tensor] = []
+        self.arena: list[torch.Tensor] = []
+
+    def whole(self, i: int, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes`` for input ``i`` of a whole-tensor task."""
+        if nbytes > ARENA_MAX:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        while len(self.arena) <= i:
+            self.arena.append(torch.empty(0, dtype=torch.uint8))
+        if self.arena[i].numel() < nbytes:
+            self.arena[i] = torch.empty(nbytes, dtype=torch.uint8)
+        return self.arena[i]
 
     def ensure(self, n: int) -> "_Scratch":
         while len(self.raw) < n:
@@ -360,8 +375,11 @@ class FileSink:
             need = whole_bytes(kp, len(srcs))
             self.budget.acquire(need)
             try:
-                # each input in fp32 as soon as it is read: its file-dtype copy is freed before the next is read
-                ins = [s.read(kp.key).to(device=self.device, dtype=torch.float32) for s in srcs]
+                if self.plan.formula.mode.streams:  # reads its inputs in their own dtype and never writes them
+                    ins = [s.read_bytes_into(kp.key, scratch.whole(i, s.infos[kp.key].nbytes))
+                           .view(kp.shape).to(device=self.device) for i, s in enumerate(srcs)]
+                else:  # each input in fp32 as soon as it is read: its file-dtype copy is freed before the next
+                    ins = [s.read(kp.key).to(device=self.device, dtype=torch.float32) for s in srcs]
                 res = merge_tensors(self.plan.formula, kp, ins, device=self.device, owned=True)
                 del ins
                 return res.to(device="cpu", dtype=out_t).reshape(-1).view(torch.uint8)
