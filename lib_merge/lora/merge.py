@@ -21,6 +21,8 @@ module's relative error is reported. A module whose ΔW sums to exactly zero is 
 Conv modules (1×1, 3×3) work as matrices (out, in·k·k), factors shaped as kohya writes them. Plain LoRA modules
 only: anything else (LyCORIS LoHa/LoKr …) is an error naming the file and module. LoRAs for different base
 models (SD1/SD2 against SDXL, from their module names and cross-attention width) are an error naming both files.
+The output's ``ss_base_model_version`` is that family; where the names cannot tell SD1 from SD2, the inputs'
+own ``ss_base_model_version`` decides, else SD1.
 Everything is computed in memory (LoRAs are small), then written by the streamed writer (temp file, renamed).
 """
 from __future__ import annotations
