@@ -34,6 +34,8 @@ EPILOG = """examples:
   {prog} reproduce out.safetensors
   {prog} lora extract TUNED.safetensors BASE.safetensors -o diff.safetensors --rank 32
   {prog} lora bake MODEL.safetensors style.safetensors:0.8 -o baked.safetensors
+  {prog} lora bake MODEL.safetensors style.safetensors:0.8:OUTALL -o baked.safetensors
+  {prog} lora merge a.safetensors:0.7 b.safetensors:-0.3 -o ab.safetensors --rank auto
 """
 
 MERGE_HELP = {
@@ -123,10 +125,10 @@ def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
 
 
 def _lora_parser(sub, common) -> None:
-    """``lora extract`` and ``lora bake`` (first slice of issue 13)."""
-    lo = sub.add_parser("lora", help="extract a LoRA from two checkpoints, or bake LoRAs into a checkpoint",
-                        parents=[common])
-    lsub = lo.add_subparsers(dest="lora_cmd", metavar="extract|bake")
+    """``lora extract``, ``lora bake`` and ``lora merge`` (issue 13)."""
+    lo = sub.add_parser("lora", help="extract a LoRA from two checkpoints, bake LoRAs into a checkpoint, "
+                        "or merge LoRAs into one", parents=[common])
+    lsub = lo.add_subparsers(dest="lora_cmd", metavar="extract|bake|merge")
     lsub.required = True
     e = lsub.add_parser("extract", parents=[common], help="ΔW = TUNED − BASE per Linear/Conv weight, "
                         "truncated by SVD, as a kohya/A1111 LoRA file the WebUI loads")
@@ -150,10 +152,24 @@ def _lora_parser(sub, common) -> None:
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     b = lsub.add_parser("bake", parents=[common], help="W' = W + strength · (up @ down) · (alpha / rank)")
     b.add_argument("model", metavar="MODEL")
-    b.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]", help="LoRA .safetensors files (strength 1 "
-                   "by default)")
+    b.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH[:BLOCKS]]", help="LoRA .safetensors files "
+                   "(strength 1 by default); BLOCKS: a LoRA block-weight preset (NONE, ALL, INS, IND, INALL, MIDD, "
+                   "OUTD, OUTS, OUTALL, ALL0.5) or 12/17/20/26 comma-separated values, as the LoRA Block Weight "
+                   "extension takes them")
     b.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
     b.add_argument("--overwrite", action="store_true", help=MERGE_HELP["overwrite"])
+    m = lsub.add_parser("merge", parents=[common], help="merge LoRAs into one: factors concatenated (the exact "
+                        "sum of the ΔW), or with --rank the summed ΔW re-compressed by SVD")
+    m.add_argument("loras", nargs="+", metavar="LORA[:RATIO]", help="LoRA .safetensors files (ratio 1 by default; "
+                   "negative subtracts)")
+    m.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
+    m.add_argument("--rank", default=None, metavar="N|auto", help="re-compress each module's summed ΔW to rank N "
+                   "by SVD (auto: the module's largest input rank); without it the factors are concatenated "
+                   "(rank = the sum of the ranks, exact)")
+    m.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="LoRA dtype (default fp16)")
+    m.add_argument("--exact-svd", dest="exact_svd", action="store_true", help="always the exact SVD with --rank")
+    m.add_argument("--overwrite", action="store_true", help=MERGE_HELP["overwrite"])
+    m.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def default_prog() -> str:
@@ -368,9 +384,26 @@ def cmd_lora(args) -> int:
         print(f"wrote {res.output} in {res.seconds:.2f} s")
         print(f"sha256 {res.sha256}")
         return 0
+    if args.lora_cmd == "merge":
+        return cmd_lora_merge(args)
     from .lora.bake import bake_loras, parse_lora_arg
     res = bake_loras(args.model, [parse_lora_arg(t) for t in args.loras], args.output, overwrite=args.overwrite)
     print(f"baked {res.modules} LoRA modules into {res.patched} weights ({res.arch})")
+    print(f"wrote {res.output} in {res.seconds:.2f} s")
+    print(f"sha256 {res.sha256}")
+    return 0
+
+
+def cmd_lora_merge(args) -> int:
+    import json
+    from .lora.merge import merge_loras, parse_merge_arg
+    res = merge_loras([parse_merge_arg(t) for t in args.loras], args.output, rank=args.rank, dtype=args.dtype,
+                      overwrite=args.overwrite, exact=args.exact_svd)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=1))
+        return 0
+    for line in res.summary():
+        print(line)
     print(f"wrote {res.output} in {res.seconds:.2f} s")
     print(f"sha256 {res.sha256}")
     return 0

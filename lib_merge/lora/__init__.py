@@ -2,5 +2,6 @@
 
 One concept per module: ``names`` (checkpoint key <-> kohya/A1111 module name), ``svd`` (truncated SVD and rank
 choice), ``files`` (reading and writing LoRA safetensors), ``writer`` (a streamed safetensors sink),
-``extract`` and ``bake``.
+``blocks`` (LoRA block weights: presets and 12/17/20/26-value vectors), ``extract``, ``bake`` and ``merge``
+(LoRAs into one LoRA).
 """

@@ -3,6 +3,10 @@
 Every module of every LoRA is matched to a weight of the model before a byte is written: a module with no
 matching weight, or whose ΔW has another shape, is an error naming it (never a silent skip). Patched weights
 are computed in fp32 and written in the model's dtype; every other tensor is copied unchanged.
+
+Block weights (``LORA:STRENGTH:BLOCKS``, see ``blocks``) multiply the strength of each module by the value of
+its weight's block; a module whose strength comes to 0 is not applied at all, so the weights of a block at 0 are
+the model's bytes unchanged.
 """
 from __future__ import annotations
 
@@ -16,11 +20,12 @@ from pathlib import Path
 import torch
 
 from .. import hashing
-from ..arch import detect
+from ..arch import ArchSpec, block_of, detect
 from ..errors import MergeError
 from ..io.sources import open_source
 from ..merge import check_output_path
 from ..metadata import file_name
+from .blocks import parse_blocks
 from .files import LoraModule, read_lora
 from .names import module_map
 from .writer import Entry, write_streamed
@@ -30,6 +35,7 @@ from .writer import Entry, write_streamed
 class LoraInput:
     path: Path
     strength: float = 1.0
+    blocks: str | None = None  # a LoRA block-weight preset name or vector (``blocks``); None: every block 1
 
 
 @dataclass
@@ -42,18 +48,34 @@ class BakeResult:
     seconds: float
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def parse_lora_arg(text: str) -> LoraInput:
-    """``PATH[:STRENGTH]``; a tail that is not a number stays part of the path (``C:\\…``)."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            value = float(tail)
-        except ValueError:
+    """``PATH[:STRENGTH[:BLOCKS]]``; a tail that is not a number stays part of the path (``C:\\…``). BLOCKS has
+    no ``:`` (a preset name or a comma vector), so it is taken only after a numeric STRENGTH."""
+    parts = text.rsplit(":", 2)
+    if len(parts) == 3 and parts[0] and parts[2].strip() and _number(parts[1]) is not None:
+        head, blocks = parts[0], parts[2].strip()
+        value = _number(parts[1])
+    else:
+        head, sep, tail = text.rpartition(":")
+        value = _number(tail) if sep and head else None
+        if value is None:
             return LoraInput(Path(text))
-        if not math.isfinite(value):
-            raise MergeError(f"LoRA strength must be a finite number, {text}")
-        return LoraInput(Path(head), value)
-    return LoraInput(Path(text))
+        blocks = None
+    if not math.isfinite(value):
+        raise MergeError(f"LoRA strength must be a finite number, {text}")
+    return LoraInput(Path(head), value, blocks)
+
+
+def block_strengths(lo: LoraInput) -> dict[str, float] | None:
+    """Block ID -> value for a LoRA given with BLOCKS (checked before any LoRA file is read); None without."""
+    return None if lo.blocks is None else parse_blocks(lo.blocks, f"LoRA {lo.path}")
 
 
 DIFFUSERS_PARTS = ("_down_blocks_", "_up_blocks_", "_mid_block_")
@@ -68,12 +90,14 @@ def unmatched_hint(name: str) -> str:
     return ""
 
 
-def plan_patches(loras: list[LoraInput], shapes: dict[str, tuple[int, ...]]
+def plan_patches(loras: list[LoraInput], shapes: dict[str, tuple[int, ...]], arch: ArchSpec
                  ) -> dict[str, list[tuple[LoraModule, float]]]:
-    """Model key -> the (module, strength) pairs that patch it; checks names and shapes first."""
+    """Model key -> the (module, strength) pairs that patch it; checks names and shapes first. With block
+    weights the strength is strength · value of the key's block; modules at strength 0 are left out."""
     names = module_map(shapes)
+    tables = [block_strengths(lo) for lo in loras]
     patches: dict[str, list[tuple[LoraModule, float]]] = {}
-    for lo in loras:
+    for lo, table in zip(loras, tables):
         for name, mod in read_lora(lo.path).items():
             key = names.get(name)
             if key is None:
@@ -85,7 +109,9 @@ def plan_patches(loras: list[LoraInput], shapes: dict[str, tuple[int, ...]]
             if got != want:
                 raise MergeError(f"LoRA module does not fit the model weight {key} {tuple(shape)} "
                                  f"(ΔW {got[0]}×{got[1]}), {lo.path} module {name}")
-            patches.setdefault(key, []).append((mod, lo.strength))
+            strength = lo.strength if table is None else lo.strength * table[block_of(key, arch)]
+            if strength != 0.0:
+                patches.setdefault(key, []).append((mod, strength))
     return patches
 
 
@@ -118,7 +144,7 @@ def bake_loras(model: str | os.PathLike, loras: list[LoraInput], output: str | o
     out = check_output_path(output, [Path(model), *(lo.path for lo in loras)], overwrite)
     with open_source(model) as src:
         arch = detect(src.shapes(), str(src.path)).arch
-        patches = plan_patches(loras, src.shapes())
+        patches = plan_patches(loras, src.shapes(), arch)
         entries = [Entry(k, info.dtype, info.shape) for k, info in src.infos.items()]
 
         def produce(key: str) -> torch.Tensor:
@@ -128,7 +154,8 @@ def bake_loras(model: str | os.PathLike, loras: list[LoraInput], output: str | o
 
         recipe = {
             "type": "blockmerge_lora", "lora": "bake", "model": file_name(model),
-            "loras": [{"name": file_name(lo.path), "strength": lo.strength} for lo in loras],
+            "loras": [{"name": file_name(lo.path), "strength": lo.strength,
+                       **({"blocks": lo.blocks} if lo.blocks is not None else {})} for lo in loras],
             "inputs": [{"role": "model", "name": file_name(model), "sha256": hashing.sha256_file(model)}]
             + [{"role": f"lora{i + 1}", "name": file_name(lo.path), "sha256": hashing.sha256_file(lo.path)}
                for i, lo in enumerate(loras)],

@@ -11,6 +11,7 @@ attention is one fused ``in_proj_weight`` the WebUI splits into q/k/v modules; a
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Mapping, Sequence
 
 UNET = "model.diffusion_model."
@@ -66,3 +67,33 @@ def uncovered_text_encoder(shapes: Mapping[str, Sequence[int]]) -> int:
     return sum(1 for k, s in shapes.items()
                if k.startswith(("cond_stage_model.", "conditioner.")) and is_lora_target(k, s)
                and module_name(k) is None)
+
+
+_XL_ONLY = re.compile(r"^lora_te[12]_|^lora_unet_label_emb_|_transformer_blocks_[1-9]")
+_SD_ONLY = re.compile(r"^lora_te_|^lora_unet_input_blocks_[12]_1_|^lora_unet_(?:input|output)_blocks_(?:9|1[01])_")
+CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def lora_family(modules: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> str | None:
+    """The base-model family of a LoRA from its module names (and down shapes): ``sdxl``, ``sd1``/``sd2`` when
+    the cross-attention width tells, ``sd`` (SD1 or SD2) when only the names do, None when nothing tells.
+
+    ``modules``: name -> (up shape, down shape). SDXL-only names: ``lora_te1_``/``lora_te2_``, ``label_emb``,
+    a second transformer block; SD1/SD2-only: ``lora_te_``, attention in ``input_blocks.1``/``.2``, blocks 9–11.
+    """
+    family = None
+    for name, (_, down) in modules.items():
+        if name.endswith(("attn2_to_k", "attn2_to_v")) and len(down) == 2 and down[1] in CONTEXT_FAMILY:
+            return CONTEXT_FAMILY[down[1]]
+        if family is None and _XL_ONLY.search(name):
+            family = "sdxl"
+        elif family is None and _SD_ONLY.search(name):
+            family = "sd"
+    return family
+
+
+def same_family(a: str | None, b: str | None) -> bool:
+    """Unknown (None) fits anything; ``sd`` fits ``sd1`` and ``sd2``."""
+    if a is None or b is None or a == b:
+        return True
+    return {a, b} in ({"sd", "sd1"}, {"sd", "sd2"})
