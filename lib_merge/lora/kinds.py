@@ -42,7 +42,7 @@ def _mat(t: torch.Tensor) -> torch.Tensor:
 
 def _cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """CP (Tucker) conv factors: Σ_ij t[i,j,h,w] · wa[i,o] · wb[j,c] -> (o, c, h, w)."""
-    return torch.einsum("ijhw,io,jc->ochw", t, _mat(wa), _mat(wb))
+    return torch.einsum("ijhw,io,jc->ochw", t, _mat(wa), _mat(wb)).contiguous()
 
 
 class Module:
@@ -142,7 +142,7 @@ class LokrModule(Module):
             w2 = _mat(_f32(self.w2a, device)) @ _mat(_f32(self.w2b, device))
         if w2.dim() == 4 and w1.dim() == 2:
             w1 = w1[:, :, None, None]
-        return _mat(torch.kron(w1, w2)) * self.scale
+        return _mat(torch.kron(w1.contiguous(), w2.contiguous())) * self.scale
 
 
 def _alpha(got: dict[str, torch.Tensor]) -> float | None:
