@@ -245,6 +245,19 @@ def test_sd1_accepts_te1_names_for_its_text_encoder(models, tmp_path):
     assert_only_changed(base, got, {key})
 
 
+def test_sdxl_diffusers_upsampler_and_add_embedding_find_their_weights(sdxl_listing):
+    from lib_merge.lora.names import resolve
+    table = module_map({k: s for k, (s, _) in sdxl_listing.items()})
+    expect = {"lora_unet_up_blocks_0_upsamplers_0_conv": "output_blocks.2.2.conv",
+              "lora_unet_up_blocks_1_upsamplers_0_conv": "output_blocks.5.2.conv",
+              "lora_unet_add_embedding_linear_1": "label_emb.0.0",
+              "lora_unet_add_embedding_linear_2": "label_emb.0.2",
+              "lora_unet_down_blocks_1_attentions_0_proj_in": "input_blocks.4.1.proj_in",
+              "lora_unet_up_blocks_2_resnets_2_conv2": "output_blocks.8.0.out_layers.3"}
+    for name, body in expect.items():
+        assert resolve(name, table).key == f"{UNET}{body}.weight", name
+
+
 # -- OpenCLIP text encoders ----------------------------------------------------------------------------------
 def _linear_lora(g, name, rows, cols, alpha=None):
     t = {f"{name}.lora_up.weight": rnd(g, rows, 1), f"{name}.lora_down.weight": rnd(g, 1, cols)}

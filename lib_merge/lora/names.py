@@ -141,6 +141,8 @@ DIFFUSERS_UNET: tuple[tuple[re.Pattern, Callable[[re.Match], str]], ...] = (
     (re.compile(r"conv_in(.*)"), lambda m: f"input_blocks_0_0{m[1]}"),
     (re.compile(r"conv_out(.*)"), lambda m: f"out_2{m[1]}"),
     (re.compile(r"time_embedding_linear_(\d+)(.*)"), lambda m: f"time_embed_{2 * int(m[1]) - 2}{m[2]}"),
+    # SDXL's class embedding (not in the WebUI's rules, which leave it unapplied)
+    (re.compile(r"add_embedding_linear_(\d+)(.*)"), lambda m: f"label_emb_0_{2 * int(m[1]) - 2}{m[2]}"),
     (re.compile(r"down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"), _down),
     (re.compile(r"mid_block_(attentions|resnets)_(\d+)_(.+)"), _mid),
     (re.compile(r"up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"), _up),
@@ -164,12 +166,18 @@ def diffusers_to_compvis(name: str) -> str | None:
     return None
 
 
+UPSAMPLER = re.compile(r"(lora_unet_output_blocks_\d+_)([12])(_conv)")
+
+
 def aliases(name: str) -> list[str]:
-    """The names a LoRA module is looked up as, in the WebUI's order."""
+    """The names a LoRA module is looked up as, in the WebUI's order (then ours)."""
     out = [name]
     compvis = diffusers_to_compvis(name)
     if compvis is not None:
         out.insert(0, compvis)
+        m = UPSAMPLER.fullmatch(compvis)
+        if m:  # SDXL's first up block has attention, so its upsampler is output_blocks.2.2 (the WebUI misses it)
+            out.insert(1, f"{m[1]}{3 - int(m[2])}{m[3]}")
     if name.startswith("lora_te1_text_model_"):  # some SD1 LoRAs name the only text encoder te1
         out.append("lora_te_text_model_" + name[len("lora_te1_text_model_"):])
     return out
