@@ -142,7 +142,7 @@ def _lora_parser(sub, common) -> None:
     e.add_argument("--conv-rank", dest="conv_rank", type=int, default=None,
                    help="rank of conv k×k (k > 1) modules (default: as --rank / --energy)")
     e.add_argument("--text-encoder", dest="text_encoder", action="store_true",
-                   help="also extract the CLIP-L text encoder (SD1; SDXL's first); OpenCLIP is not covered yet")
+                   help="also extract the text encoders (CLIP-L; SD2's and SDXL's OpenCLIP with q/k/v split)")
     e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="LoRA dtype (default fp16)")
     e.add_argument("--device", default="cpu", help="SVD device: cpu (default) or cuda")
     e.add_argument("--exact-svd", dest="exact_svd", action="store_true", help="always the exact SVD (by default a "
@@ -150,7 +150,8 @@ def _lora_parser(sub, common) -> None:
     e.add_argument("--overwrite", action="store_true", help=MERGE_HELP["overwrite"])
     e.add_argument("--verbose", action="store_true", help="print every module's rank and relative error")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    b = lsub.add_parser("bake", parents=[common], help="W' = W + strength · (up @ down) · (alpha / rank)")
+    b = lsub.add_parser("bake", parents=[common], help="W' = W + strength · ΔW (LoRA, LoCon, LoHa, LoKr; "
+                        "compvis- or diffusers-style names)")
     b.add_argument("model", metavar="MODEL")
     b.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH[:BLOCKS]]", help="LoRA .safetensors files "
                    "(strength 1 by default); BLOCKS: a LoRA block-weight preset (NONE, ALL, INS, IND, INALL, MIDD, "

@@ -1,7 +1,8 @@
-"""Bake LoRAs into a checkpoint: W' = W + Σ strength · (up @ down) · (alpha / rank), streamed key by key.
+"""Bake LoRAs into a checkpoint: W' = W + Σ strength · ΔW, streamed key by key (ΔW per kind: ``kinds``).
 
 Every module of every LoRA is matched to a weight of the model before a byte is written: a module with no
-matching weight, or whose ΔW has another shape, is an error naming it (never a silent skip). Patched weights
+matching weight (names: ``names``, compvis or diffusers style, OpenCLIP q/k/v into their third of the joined
+``in_proj_weight``), or whose ΔW has another shape, is an error naming it (never a silent skip). Patched weights
 are computed in fp32 and written in the model's dtype; every other tensor is copied unchanged.
 
 Block weights (``LORA:STRENGTH:BLOCKS``, see ``blocks``) multiply the strength of each module by the value of
@@ -26,8 +27,9 @@ from ..io.sources import open_source
 from ..merge import check_output_path
 from ..metadata import file_name
 from .blocks import parse_blocks
-from .files import LoraModule, read_lora
-from .names import module_map
+from .files import read_lora
+from .kinds import LoraModule, Module, rows_cols
+from .names import module_map, resolve
 from .writer import Entry, write_streamed
 
 
@@ -78,51 +80,55 @@ def block_strengths(lo: LoraInput) -> dict[str, float] | None:
     return None if lo.blocks is None else parse_blocks(lo.blocks, f"LoRA {lo.path}")
 
 
-DIFFUSERS_PARTS = ("_down_blocks_", "_up_blocks_", "_mid_block_")
-
-
-def unmatched_hint(name: str) -> str:
-    """Why a module name may not match: a kind of name this version does not map yet."""
-    if name.startswith("lora_te2_") or name.startswith("lora_te_text_model_") and "_resblocks_" in name:
-        return " (OpenCLIP text encoder modules are not supported yet)"
-    if name.startswith("lora_unet_") and any(p in name for p in DIFFUSERS_PARTS):
-        return " (diffusers-style module names are not supported yet: only compvis-style names)"
-    return ""
+Patch = tuple[Module, float, int]  # (module, strength, first row of the weight its ΔW lands in)
 
 
 def plan_patches(loras: list[LoraInput], shapes: dict[str, tuple[int, ...]], arch: ArchSpec
-                 ) -> dict[str, list[tuple[LoraModule, float]]]:
-    """Model key -> the (module, strength) pairs that patch it; checks names and shapes first. With block
-    weights the strength is strength · value of the key's block; modules at strength 0 are left out."""
-    names = module_map(shapes)
-    tables = [block_strengths(lo) for lo in loras]
-    patches: dict[str, list[tuple[LoraModule, float]]] = {}
-    for lo, table in zip(loras, tables):
+                 ) -> dict[str, list[Patch]]:
+    """Model key -> the patches to add to it; every module's name and shape is checked before any work. With
+    block weights the strength is strength · value of the key's block; modules at strength 0 are left out."""
+    table = module_map(shapes)
+    strengths = [block_strengths(lo) for lo in loras]
+    patches: dict[str, list[Patch]] = {}
+    for lo, blocks in zip(loras, strengths):
         for name, mod in read_lora(lo.path).items():
-            key = names.get(name)
-            if key is None:
-                raise MergeError(f"LoRA module has no matching weight in the model{unmatched_hint(name)}, "
-                                 f"{lo.path} module {name}")
-            shape = shapes[key]
-            want = (shape[0], math.prod(shape[1:]))
-            got = (mod.up.shape[0], math.prod(mod.down.shape[1:]))
+            target = resolve(name, table)
+            if target is None:
+                raise MergeError(f"LoRA module has no matching weight in the model, {lo.path} module {name}")
+            shape = shapes[target.key]
+            first, count = target.rows(shape)
+            want = (count, rows_cols(tuple(shape))[1])
+            got = mod.dims()
             if got != want:
-                raise MergeError(f"LoRA module does not fit the model weight {key} {tuple(shape)} "
-                                 f"(ΔW {got[0]}×{got[1]}), {lo.path} module {name}")
-            strength = lo.strength if table is None else lo.strength * table[block_of(key, arch)]
+                where = "" if target.part is None else f" ({'qkv'[target.part]} third of the joined in_proj)"
+                raise MergeError(f"LoRA module does not fit the model weight {target.key} {tuple(shape)}{where} "
+                                 f"(ΔW {got[0]}×{got[1]}, needs {want[0]}×{want[1]}), {lo.path} module {name}")
+            strength = lo.strength if blocks is None else lo.strength * blocks[block_of(target.key, arch)]
             if strength != 0.0:
-                patches.setdefault(key, []).append((mod, strength))
+                patches.setdefault(target.key, []).append((mod, strength, first))
     return patches
 
 
 CHUNK_ELEMS = 1 << 22  # fp32 elements per row block (16 MB, reused): no full-size fp32 temporary
 
 
-def patched(w: torch.Tensor, todo: list[tuple[LoraModule, float]]) -> torch.Tensor:
-    """W + Σ strength · up @ down · alpha/rank in W's dtype, computed in fp32 one block of rows at a time."""
+def _contribution(mod: Module, strength: float):
+    """(add(acc, a, b): acc += strength · ΔW rows a..b in place, row count). Plain LoRA multiplies only the rows
+    asked for; the other kinds build their fp32 ΔW once per weight (as the WebUI does)."""
+    if isinstance(mod, LoraModule) and mod.mid is None:
+        up, down = mod.matrices()
+        scale = strength * mod.scale
+        return (lambda acc, a, b: acc.addmm_(up[a:b], down, alpha=scale)), up.shape[0]
+    full = mod.delta().mul_(strength)
+    return (lambda acc, a, b: acc.add_(full[a:b])), full.shape[0]
+
+
+def patched(w: torch.Tensor, todo: list[Patch]) -> torch.Tensor:
+    """W + Σ strength · ΔW in W's dtype, computed in fp32 one block of rows at a time; each ΔW lands in the rows
+    from its first row on (0, or a q/k/v third of a joined in_proj)."""
     mat = w.reshape(w.shape[0], -1)
     rows, cols = mat.shape
-    factors = [(*mod.matrices(), strength * mod.scale) for mod, strength in todo]
+    parts = [(first, *_contribution(mod, strength)) for mod, strength, first in todo]
     out = torch.empty_like(mat)
     step = max(1, CHUNK_ELEMS // max(cols, 1))
     buf = torch.empty(min(step, rows), cols, dtype=torch.float32)
@@ -130,8 +136,10 @@ def patched(w: torch.Tensor, todo: list[tuple[LoraModule, float]]) -> torch.Tens
         j = min(rows, i + step)
         acc = buf[:j - i]
         acc.copy_(mat[i:j])
-        for up, down, scale in factors:
-            acc.addmm_(up[i:j], down, alpha=scale)
+        for first, add, count in parts:
+            lo, hi = max(i, first), min(j, first + count)
+            if lo < hi:
+                add(acc[lo - i:hi - i], lo - first, hi - first)
         out[i:j].copy_(acc)
     return out.reshape(w.shape)
 

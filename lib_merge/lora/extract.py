@@ -1,6 +1,8 @@
 """Extract a LoRA from a fine-tune and its base: ΔW = TUNED − BASE per Linear/Conv weight, truncated by SVD.
 
-Each module keeps ``--rank`` (capped by its smaller side) or the smallest rank keeping ``--energy`` of ΔW's
+With ``--text-encoder`` the text encoders are covered too, OpenCLIP's (SD2, SDXL's second) included: the ΔW of
+a joined ``attn.in_proj_weight`` is split into its q/k/v row thirds, each written as its own module under the
+name the WebUI loads (``…_self_attn_q_proj`` …). Each module keeps ``--rank`` (capped by its smaller side) or the smallest rank keeping ``--energy`` of ΔW's
 squared Frobenius norm; conv k×k (k > 1) weights take ``--conv-rank`` when given. ``alpha`` = the rank kept, so
 the WebUI applies up @ down unscaled. Modules whose ΔW is exactly zero are not written (they change nothing)
 and are counted in the report.
@@ -23,7 +25,7 @@ from ..io.sources import open_source
 from ..merge import check_output_path
 from ..metadata import file_name
 from .files import lora_metadata
-from .names import module_name, targets, uncovered_text_encoder
+from .names import extract_modules, uncovered_text_encoder
 from .svd import Factors, check_energy, check_rank, factorize
 from .writer import Entry, write_streamed
 
@@ -62,8 +64,8 @@ class ExtractResult:
             lines.append(f"relative error: min {min(errs):.3g}, median {statistics.median(errs):.3g}, "
                          f"max {max(errs):.3g}")
         if self.uncovered_te:
-            lines.append(f"note: {self.uncovered_te} OpenCLIP text-encoder weights are not extracted in this "
-                         f"version (SD2 / SDXL second text encoder)")
+            lines.append(f"note: {self.uncovered_te} text-encoder weights have no LoRA module name and are not "
+                         f"extracted")
         if verbose:
             lines += [f"  {m.name}  rank {m.rank}  error {m.rel_error:.4g}  {m.method}" for m in self.modules]
         return lines
@@ -105,26 +107,30 @@ def extract_lora(tuned: str | os.PathLike, base: str | os.PathLike, output: str 
         base_arch = detect(bs.shapes(), str(bs.path)).arch
         if base_arch.name != arch.name:
             raise MergeError(f"base is {base_arch.label} but the tuned model is {arch.label}, {bs.path}")
-        keys = targets(ts.shapes(), text_encoder)
+        by_key: dict[str, list] = {}
+        for name, target in extract_modules(ts.shapes(), text_encoder):
+            by_key.setdefault(target.key, []).append((name, target))
         factors: dict[str, Factors] = {}
         reports, unchanged = [], []
-        for key in keys:
-            name = module_name(key)
+        for key, named in by_key.items():
             shape = ts.infos[key].shape
             binfo = bs.infos.get(key)
             if binfo is None or binfo.shape != shape:
                 got = "missing" if binfo is None else f"shape {binfo.shape}, tuned {shape}"
                 raise MergeError(f"base model does not match the tuned model ({got}), {bs.path} key {key}")
-            delta = ts.read(key).to(dev, torch.float32) - bs.read(key).to(dev, torch.float32)
-            if not torch.any(delta):
-                unchanged.append(name)
-                continue
-            if not bool(torch.isfinite(delta).all()):
-                raise MergeError(f"non-finite values in the difference, key {key}")
-            r, e = _rank_rule(shape, rank, energy, conv_rank)
-            f = factorize(delta, rank=r, energy=e, exact=exact)
-            factors[name] = f
-            reports.append(ModuleReport(name, key, shape, f.rank, f.rel_error, f.method))
+            full = ts.read(key).to(dev, torch.float32) - bs.read(key).to(dev, torch.float32)
+            for name, target in named:
+                first, count = target.rows(shape)
+                delta = full[first:first + count]
+                if not torch.any(delta):
+                    unchanged.append(name)
+                    continue
+                if not bool(torch.isfinite(delta).all()):
+                    raise MergeError(f"non-finite values in the difference, key {key}")
+                r, e = _rank_rule(shape, rank, energy, conv_rank)
+                f = factorize(delta, rank=r, energy=e, exact=exact)
+                factors[name] = f
+                reports.append(ModuleReport(name, key, tuple(delta.shape), f.rank, f.rel_error, f.method))
         uncovered = uncovered_text_encoder(ts.shapes()) if text_encoder else 0
     st = OUT_DTYPES[dtype]
     entries, tensors = [], {}

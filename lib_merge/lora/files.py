@@ -1,56 +1,51 @@
-"""LoRA files: reading kohya / A1111 LoRA safetensors (never a pickle) and the metadata of the files we write.
+"""LoRA files: reading kohya / A1111 / LyCORIS safetensors (never a pickle) and the metadata of the files we write.
 
-A module is the part of a key before ``.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha``. Anything else a
-LoRA file may hold (LyCORIS ``hada_*`` / ``lokr_*``, ``lora_mid``, ``dora_scale``, ``.diff`` …) is not applied in
-this slice, and is an error naming the module rather than a silent skip.
+A module is the part of a key before the first ``.``; what follows names its tensor. The kinds applied are the
+ones the WebUI's built-in Lora extension computes the same way (``kinds``): plain LoRA (``lora_up`` /
+``lora_down`` / ``alpha``, with LoCon's optional ``lora_mid``), LyCORIS LoHa (``hada_*``) and LoKr (``lokr_*``).
+Any other kind (DoRA, GLoRA, IA3, OFT, full/diff, norm, …) is an error naming the file, module and kind, never
+a silent skip.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import MergeError
 from ..io.sources import SafetensorsSource
+from .kinds import KINDS, LoraModule, Module, build_module
 from .names import LORA_PREFIXES
 
-PARTS = {"lora_up.weight": "up", "lora_down.weight": "down", "alpha": "alpha"}
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# tensor name -> the kind it belongs to, for the kinds that are not applied (named in the error)
+UNSUPPORTED_PARTS = {
+    "dora_scale": "DoRA", "oft_blocks": "OFT", "oft_diag": "OFT", "a1.weight": "GLoRA", "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA", "b2.weight": "GLoRA", "weight": "IA3", "on_input": "IA3", "diff": "full (diff)",
+    "diff_b": "full (diff)", "w_norm": "norm", "b_norm": "norm", "bias_indices": "LyCORIS bias",
+    "bias_values": "LyCORIS bias", "bias_size": "LyCORIS bias", "scale": "LyCORIS scale",
+}
+
+__all__ = ["LoraModule", "Module", "read_lora", "lora_metadata", "module_kind"]
 
 
-@dataclass(frozen=True)
-class LoraModule:
-    name: str
-    up: torch.Tensor
-    down: torch.Tensor
-    alpha: float  # alpha missing in the file: the rank
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """up (out, r) and down (r, in·k·k) in fp32: conv factors reshaped to the matrices they multiply as."""
-        return (self.up.to(torch.float32).reshape(self.up.shape[0], -1),
-                self.down.to(torch.float32).reshape(self.down.shape[0], -1))
+def module_kind(path: Path, module: str, parts: set[str]) -> str:
+    """The kind (``lora``/``loha``/``lokr``) whose tensor names cover ``parts``; an error naming the kind if none."""
+    for kind, names in KINDS.items():
+        if parts <= names:
+            return kind
+    alien = sorted(p for p in parts if not any(p in names for names in KINDS.values()))
+    if alien:
+        kind = UNSUPPORTED_PARTS.get(alien[0], "unknown")
+        raise MergeError(f"unsupported LoRA module kind {kind} ({alien[0]}; only LoRA, LoHa and LoKr are applied), "
+                         f"{path} module {module}")
+    raise MergeError(f"LoRA module mixes tensors of different kinds ({', '.join(sorted(parts))}), "
+                     f"{path} module {module}")
 
 
-def _split(key: str) -> tuple[str, str]:
-    for suffix in PARTS:
-        if key.endswith("." + suffix):
-            return key[:-len(suffix) - 1], PARTS[suffix]
-    module, _, rest = key.partition(".")
-    return module, rest
-
-
-def read_lora(path: str | os.PathLike) -> dict[str, LoraModule]:
+def read_lora(path: str | os.PathLike) -> dict[str, Module]:
     """Every module of a LoRA safetensors file; unknown module kinds and broken modules are errors."""
     p = Path(path)
     if not p.exists():
@@ -60,31 +55,21 @@ def read_lora(path: str | os.PathLike) -> dict[str, LoraModule]:
     with SafetensorsSource(p) as src:
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key in src.infos:
-            module, part = _split(key)
-            if part not in PARTS.values():
-                raise MergeError(f"unsupported LoRA module kind ({part}; only plain LoRA lora_up/lora_down/alpha "
-                                 f"is applied), {p} module {module}")
+            module, _, part = key.partition(".")
             if not module.startswith(LORA_PREFIXES):
                 raise MergeError(f"unknown LoRA module name (expected lora_unet_/lora_te_/lora_te1_/lora_te2_), "
                                  f"{p} module {module}")
             parts.setdefault(module, {})[part] = src.read(key)
     out = {}
     for name, got in sorted(parts.items()):
-        if "up" not in got or "down" not in got:
-            missing = "lora_up" if "up" not in got else "lora_down"
-            raise MergeError(f"LoRA module has no {missing}.weight, {p} module {name}")
-        up, down = got["up"], got["down"]
-        if up.dim() not in (2, 4) or down.dim() != up.dim() or up.shape[1] != down.shape[0]:
-            raise MergeError(f"LoRA module factors do not fit (up {tuple(up.shape)}, down {tuple(down.shape)}), "
-                             f"{p} module {name}")
-        alpha = float(got["alpha"].reshape(-1)[0]) if "alpha" in got else float(down.shape[0])
-        out[name] = LoraModule(name, up, down, alpha)
+        kind = module_kind(p, name, set(got))
+        out[name] = build_module(kind, name, got, p)
     return out
 
 
 def lora_metadata(arch: str, dim: int, alpha: float, recipe: dict) -> dict[str, str]:
     """The ``ss_*`` fields the WebUI and kohya tools read, plus our recipe (inputs by file name and sha256)."""
-    return {
+    meta = {
         "format": "pt",
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim),
@@ -92,3 +77,6 @@ def lora_metadata(arch: str, dim: int, alpha: float, recipe: dict) -> dict[str, 
         "ss_base_model_version": BASE_VERSION[arch],
         "blockmerge_recipe": json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=False),
     }
+    if arch == "sd2":
+        meta["ss_v2"] = "True"  # the WebUI's SD-version filter reads this, not ss_base_model_version
+    return meta

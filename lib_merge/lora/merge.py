@@ -161,9 +161,9 @@ def read_inputs(inputs: list[MergeInput]) -> tuple[dict[str, list[Part]], str]:
     for inp in inputs:
         modules = read_lora(inp.path)
         for name, mod in modules.items():
-            if not isinstance(mod, LoraModule):
-                raise MergeError(f"lora merge takes plain LoRA modules only ({type(mod).__name__}), "
-                                 f"{inp.path} module {name}")
+            if not isinstance(mod, LoraModule) or mod.mid is not None:
+                kind = "LoCon lora_mid" if isinstance(mod, LoraModule) else type(mod).__name__
+                raise MergeError(f"lora merge takes plain LoRA modules only ({kind}), {inp.path} module {name}")
         fam = _family(modules)
         if known is not None and not same_family(known[0], fam):
             raise MergeError(f"LoRAs for different base models ({FAMILY_LABEL[known[0]]} and {FAMILY_LABEL[fam]}), "
