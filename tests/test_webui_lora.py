@@ -336,3 +336,15 @@ def test_buttons_write_through_the_service_and_list_the_new_file(tab, lora_env):
     tab.fire(mg["refresh"], "click")
     assert tab.prop(mg["loras"], "choices") == ["b_minus_a.safetensors", "from-tab.safetensors",
                                                 "sub/c_minus_a.safetensors", "tab-mix.safetensors"]
+
+
+def test_lora_list_follows_linked_folders_once_and_only_safetensors(lora_env, tmp_path):
+    from lib_merge.webui.lora import lora_files
+    a, _ = two_loras(lora_env)
+    shared_dir = tmp_path / "shared-loras"
+    shared_dir.mkdir()
+    (shared_dir / "s.safetensors").write_bytes(a.read_bytes())
+    (shared_dir / "old.pt").write_bytes(b"not read")
+    os.symlink(shared_dir, lora_env["dir"] / "linked")
+    os.symlink(lora_env["dir"], lora_env["dir"] / "sub" / "loop")  # a loop: listed once, no hang
+    assert list(lora_files()) == ["b_minus_a.safetensors", "linked/s.safetensors", "sub/c_minus_a.safetensors"]

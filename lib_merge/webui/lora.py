@@ -36,12 +36,20 @@ DEFAULT_DTYPE = "fp16"  # issue 13: LoRA files are written in fp16 unless asked
 
 # -- the LoRA folder ----------------------------------------------------------------------------------------------
 def lora_files(folder: Path | None = None) -> dict[str, Path]:
-    """Every ``.safetensors`` file under the LoRA folder: name (relative, ``/``-separated) -> path, sorted."""
+    """Every ``.safetensors`` file under the LoRA folder: name (relative, ``/``-separated) -> path, sorted.
+    Linked subfolders are followed as the WebUI's own LoRA list follows them (each real folder once: no loops);
+    .pt/.ckpt LoRAs are left out (the engine never unpickles)."""
     base = Path(os.path.realpath(folder if folder is not None else host.lora_dir()))
     out: dict[str, Path] = {}
     if not base.is_dir():
         return out
-    for root, _, files in os.walk(base):
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(base, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         for f in files:
             if f.lower().endswith(LORA_SUFFIX) and not f.startswith("."):
                 p = Path(root) / f
