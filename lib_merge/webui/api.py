@@ -118,6 +118,8 @@ def add_routes(app) -> None:
         ("GET", "status", lambda: SERVICE.status(), False, False),
         ("GET", "recipe", recipe_route, False, False),
         ("GET", "fingerprint", lambda: SERVICE.fingerprint(), True, False),
+        ("POST", "lora/extract", lambda b: SERVICE.lora_extract(b), True, True),
+        ("POST", "lora/merge", lambda b: SERVICE.lora_merge(b), True, True),
     ]
     for method, name, fn, lock, takes_body in routes:
         app.add_api_route(f"{PREFIX}/{name}", guarded(fn, lock, takes_body), methods=[method])

@@ -110,6 +110,27 @@ def clear_cond_caches(model) -> None:
         model.cond_stage_model_empty_prompt = sdm.get_empty_cond(model)
 
 
+def lora_dir() -> Path:
+    """The WebUI's LoRA folder: ``--lora-dir`` (added by the built-in Lora extension), else ``models/Lora``."""
+    d = getattr(_m("shared").cmd_opts, "lora_dir", None)
+    if d:
+        return Path(d)
+    return Path(_m("sd_models").model_path).parent / "Lora"
+
+
+def refresh_loras() -> bool:
+    """Re-read the LoRA folder into the built-in Lora extension's list (its ``networks`` module, imported by the
+    extension's scripts under that top-level name), so a new file shows in the Lora tab and in ``<lora:…>`` without
+    a restart. False when the extension is not loaded (disabled, or a host without it)."""
+    import sys
+    networks = sys.modules.get("networks")
+    fn = getattr(networks, "list_available_networks", None)
+    if fn is None:
+        return False
+    fn()
+    return True
+
+
 def seed_hash_cache(path: Path, name: str, sha256: str) -> None:
     """Tell the WebUI the new file's sha256 so it does not hash it again."""
     try:

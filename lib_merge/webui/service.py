@@ -258,6 +258,25 @@ class Service:
         p.setdefault("vae", "merge")
         return self.save(output, overwrite, params=p)
 
+    # -- LoRA files (issue 13): the tab's buttons and the API routes both land here --------------------------
+    def lora_extract(self, body: dict) -> dict:
+        """``POST lora/extract``: a LoRA from two checkpoints into the LoRA folder (see ``lora.extract``)."""
+        from . import lora  # imports this module's Conflict
+        return self._lora_job(lora.extract, body, "extracted")
+
+    def lora_merge(self, body: dict) -> dict:
+        """``POST lora/merge``: LoRAs of the LoRA folder into one (see ``lora.merge``)."""
+        from . import lora
+        return self._lora_job(lora.merge, body, "merged LoRAs into")
+
+    def _lora_job(self, job, body: dict, verb: str) -> dict:
+        try:
+            res = job(body, progress=lambda stage: self._progress(stage))
+        finally:
+            self._progress("idle")
+        self.last_message = f"{verb} {res['output']} in the LoRA folder"
+        return res
+
     # -- state ----------------------------------------------------------------------------------------------
     def recipe_json(self) -> dict | None:
         s = self.session

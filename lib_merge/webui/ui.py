@@ -367,6 +367,8 @@ def create_tab():
             file_btn = gr.Button("Merge to file (A B C)", elem_id="blockmerge_merge_file")
             stop_btn = gr.Button("Stop", elem_id="blockmerge_stop")
         status = gr.HTML(status_html("ready"), elem_id="blockmerge_status")
+        from .lora_ui import lora_accordion  # imports this module: built here, not at import time
+        lora = lora_accordion()
 
         with gr.Accordion("Preview settings", open=False, elem_id="blockmerge_preview_acc"):
             prompt = gr.Textbox(label="Prompt", value="a photo of a cat", lines=2, elem_id="blockmerge_prompt")
@@ -386,7 +388,8 @@ def create_tab():
             infotext = gr.Textbox(label=INFOTEXT_LABEL, lines=6, interactive=False, elem_id="blockmerge_infotext")
 
         # -- wiring ----------------------------------------------------------------------------------------
-        refresh.click(fn=lambda: [_checkpoint_update()] * 4, inputs=[], outputs=[model_a, model_b, model_c, more_models])
+        refresh.click(fn=lambda: [_checkpoint_update()] * 6, inputs=[],
+                      outputs=[model_a, model_b, model_c, more_models, lora["extract"]["tuned"], lora["extract"]["base"]])
 
         def on_mode(m, on, subs, meth):
             names = methods_for(m)
@@ -575,6 +578,7 @@ def create_tab():
                                  "infotext": infotext, "editing": editing, "layout": layout,
                                  "curve": curve, "method": method, "merge_seed": merge_seed_box,
                                  "param_groups": param_groups, "param_controls": param_ctls,
+                                 "lora": lora,
                                  "buttons": [test_btn, preview_btn, restore_btn, save_btn, file_btn,
                                                              stop_btn]}
     return tab
