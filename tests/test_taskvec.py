@@ -385,3 +385,24 @@ def test_inspect_reads_the_declaration_of_the_recorded_mode(four, tmp_path):
     assert "models:       m0.safetensors, m1.safetensors, m2.safetensors, m3.safetensors" in p.stdout
     j = json.loads(cli("inspect", out, "--json").stdout)
     assert j["merge"]["params"] == {"density": 0.4, "epsilon": 0.1} and j["merge"]["defaults"] == ["epsilon"]
+
+
+def test_streamed_modes_read_mapped_views_and_match_the_copying_read(four, tmp_path, monkeypatch):
+    from lib_merge.io.sources import SafetensorsSource
+    src = SafetensorsSource(four[1])
+    try:
+        for key, info in src.infos.items():
+            assert torch.equal(src.mapped(key).view(torch.uint8), src.read(key).view(torch.uint8)), key
+    finally:
+        src.close()
+    calls = []
+    real = SafetensorsSource.mapped
+    monkeypatch.setattr(SafetensorsSource, "mapped", lambda self, key: calls.append(key) or real(self, key))
+    r = Recipe(models=four, mode="ties", alpha=1.0, params={"density": 0.3}, dtype="fp32")
+    mapped = load(merge_to_file(r, tmp_path / "m.safetensors").output)
+    assert len(calls) >= 4 * 100  # every merged key of all four models came from the mapping
+    monkeypatch.delattr(SafetensorsSource, "mapped")  # no mapping: read into the thread's reused buffers
+    copied = load(merge_to_file(r, tmp_path / "c.safetensors").output)
+    assert mapped.keys() == copied.keys() and all(torch.equal(mapped[k], copied[k]) for k in mapped)
+    for p in four:  # sources untouched
+        assert SafetensorsSource(p).read(next(iter(load(p)))).numel() > 0

@@ -358,6 +358,23 @@ class FileSink:
         return [(f"{role} ({s.path.name})", lambda start, n, s=s, k=k: s.read(k).reshape(-1)[start:start + n])
                 for role, s, k in srcs]
 
+    def _whole_input(self, src: Source, kp: KeyPlan, scratch: "_Scratch", i: int) -> torch.Tensor:
+        """Input ``i`` of a streamed whole-tensor task in its file dtype, never to be written: on the CPU a view
+        of the mapped file where the source can map (no copy), else read into the thread's reused buffer."""
+        if self.device.type == "cpu" and hasattr(src, "mapped"):
+            return src.mapped(kp.key)
+        t = src.read_bytes_into(kp.key, scratch.whole(i, src.infos[kp.key].nbytes)).view(kp.shape)
+        return t.to(device=self.device)
+
+    def _release_inputs(self, srcs: list[Source], ins: list[torch.Tensor]) -> None:
+        """Drop the pages of :meth:`_whole_input`'s mapped views from this process (file pages only: never
+        advise anonymous memory here)."""
+        if self.device.type != "cpu":
+            return
+        for s, t in zip(srcs, ins):
+            if hasattr(s, "mapped"):
+                s.unmap_pages(t)
+
     def _in_itemsize(self, kp: KeyPlan) -> int:
         if kp.action == "merge":
             srcs = [(s, kp.key) for s in self.sources[: self.plan.formula.models]]
@@ -376,11 +393,12 @@ class FileSink:
             self.budget.acquire(need)
             try:
                 if self.plan.formula.mode.streams:  # reads its inputs in their own dtype and never writes them
-                    ins = [s.read_bytes_into(kp.key, scratch.whole(i, s.infos[kp.key].nbytes))
-                           .view(kp.shape).to(device=self.device) for i, s in enumerate(srcs)]
+                    ins = [self._whole_input(s, kp, scratch, i) for i, s in enumerate(srcs)]
                 else:  # each input in fp32 as soon as it is read: its file-dtype copy is freed before the next
                     ins = [s.read(kp.key).to(device=self.device, dtype=torch.float32) for s in srcs]
                 res = merge_tensors(self.plan.formula, kp, ins, device=self.device, owned=True)
+                if self.plan.formula.mode.streams:
+                    self._release_inputs(srcs, ins)
                 del ins
                 return res.to(device="cpu", dtype=out_t).reshape(-1).view(torch.uint8)
             finally:

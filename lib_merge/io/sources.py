@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from .. import pages
 from ..dtypes import ITEMSIZE, ST_TO_TORCH, TORCH_TO_ST
 from ..errors import MergeError
 
@@ -129,6 +133,29 @@ class SafetensorsSource(Source):
             os.close(self.fd)
             raise
         self.bytes_read = 0
+        self._mm: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """``key`` as a read-only view of the mapped file (no copy: its pages are the page cache's, mapped in one
+        call). Callers must never write through it; :meth:`unmap_pages` drops the pages from this process."""
+        info = self.infos[key]
+        with self._map_lock:
+            if self._mm is None:
+                self._mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            mm = self._mm
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=ST_TO_TORCH[info.dtype])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only buffer: never written through these views
+            t = torch.frombuffer(mm, dtype=ST_TO_TORCH[info.dtype], count=info.numel, offset=info.start)
+        pages.advise(t, pages.POPULATE_READ)
+        self.bytes_read += info.nbytes
+        return t.reshape(info.shape)
+
+    def unmap_pages(self, t: torch.Tensor) -> None:
+        """Drop a :meth:`mapped` view's pages from this process's RSS (they stay in the page cache)."""
+        pages.advise(t.reshape(-1), pages.DONTNEED)
 
     def read_bytes_into(self, key: str, buf: torch.Tensor, elem_start: int = 0, elem_count: int | None = None) -> torch.Tensor:
         """Read elements [elem_start, elem_start+elem_count) of ``key`` into uint8 tensor ``buf``; returns a typed view."""
@@ -150,6 +177,7 @@ class SafetensorsSource(Source):
         return self.read_bytes_into(key, buf).reshape(info.shape)
 
     def close(self) -> None:
+        self._mm = None  # never mm.close(): views hold a reference, and the mapping goes with the last of them
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
