@@ -13,13 +13,19 @@ weighted_sum of BASE and TUNED (fp16 out) is the time baseline. Cases:
 * ``extract_r32``: ``lora extract TUNED BASE --rank 32`` (randomized SVD where the engine chooses it);
 * ``extract_r32_exact``: the same with ``--exact-svd``;
 * ``bake``: ``lora bake BASE extract_r32's LoRA``;
-* ``lora_merge`` / ``lora_merge_r32``: ``lora merge`` of the two extracted LoRAs, without and with ``--rank 32``.
+* ``lora_merge`` / ``lora_merge_r32``: ``lora merge`` of the two extracted LoRAs, without and with ``--rank 32``
+  (both are 282 modules of rank 32, so the cost is that of merging two independent LoRAs of that size).
 
 The error columns come from the engine's own ``--json`` report (per module ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F). Two checks
 close the table: randomized/exact − 1 of the mean error (and of the worst module) within 1 %, and bake at most
 1.5x the weighted_sum's in-process time.
 
-    python bench/lora_bench.py [--dir bench/out] [--device cpu|cuda] [--quick]
+    python bench/lora_bench.py [--dir bench/out] [--cases bake,lora_merge,...] [--device cpu|cuda] [--quick]
+
+Full size: about 6.5 GB in ``--dir`` (BASE and TUNED 2.1 GB each, the bake/merge output 2.1 GB while a case runs,
+LoRAs of 68-135 MB); the exact extract dominates the time (exact SVDs of 282 UNet modules up to 1280×23040: on
+the order of 10-25 minutes on 2 cores, against about a minute or two for the randomized one); ``--cases
+extract_r32,bake`` leaves it out (and the error check SKIPs).
 
 ``--quick`` uses the tiny layout (a smoke test of the script, seconds); its figures mean nothing (every module is
 smaller than rank 32, so both extracts are exact).
@@ -242,8 +248,8 @@ def main(argv_: list[str] | None = None) -> int:
                 results[c.name] = {"error": f"needs {', '.join(c.needs)}", "wall": 0.0, "peak_anon": 0}
                 print(f"  skipped {c.name}: {results[c.name]['error']}", flush=True)
                 continue
-            if not args.quick:
-                warm([base, tuned] if c.args else [base])
+            if not args.quick:  # the checkpoints this case reads in the page cache, as in the other benches
+                warm([p for p, slot in ((base, "{base}"), (tuned, "{tuned}")) if slot in c.args] or [base])
             r = _sample(CLI_CODE, {"ARGV": argv(c, files)}, strict=False) if c.args else _sample(IDLE_CODE, {}, False)
             results[c.name] = r
             if c.name.startswith("extract") and "error" not in r:  # the LoRA's hash known, as for the models
