@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_bench import sample_run as _sample  # noqa: E402  (one sampler for every bench script)
@@ -104,8 +105,10 @@ def optional_cases() -> list[Case]:
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
-def write_finetune(base: Path, out: Path, seed: int) -> None:
-    """``base`` + NOISE · N(0, 1) on every float tensor (same header, same byte layout), one tensor at a time."""
+def write_finetune(base: Path, out: Path, seed: int, change: Callable | None = None) -> None:
+    """``base`` + NOISE · N(0, 1) on every float tensor (same header, same byte layout), one tensor at a time.
+    ``change(key, t, gen)``, when given, edits each noisy fp32 tensor in place before the cast back (lora_bench
+    adds a low-rank ΔW to attention weights); without it the bytes are as before."""
     import torch
     from lib_merge.io.sources import SafetensorsSource
     from lib_merge.dtypes import ST_TO_TORCH
@@ -124,30 +127,37 @@ def write_finetune(base: Path, out: Path, seed: int) -> None:
                 t = src.read(k)
                 if ST_TO_TORCH[src.infos[k].dtype].is_floating_point and t.numel() > 0:
                     noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-                    t = noise.mul_(NOISE).add_(t.float()).to(t.dtype)
+                    tuned = noise.mul_(NOISE).add_(t.float())
+                    if change is not None:
+                        change(k, tuned, gen)
+                    t = tuned.to(t.dtype)
                 f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     finally:
         src.close()
 
 
-def build_inputs(d: Path, quick: bool) -> list[Path]:
-    """A and F1..F3 in ``d`` (built when missing; a half-written file never has the final name)."""
+def build_file(p: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` then rename to ``p``, unless ``p`` exists (a half-written file never has the final name)."""
+    if not p.exists():
+        t = time.perf_counter()
+        tmp = p.with_name(p.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, p)
+        print(f"built {p.name} ({p.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True)
+    return p
+
+
+def build_inputs(d: Path, quick: bool, count: int = 4) -> list[Path]:
+    """A and F1..F3 (the first ``count`` of them) in ``d``, built when missing."""
     from lib_merge import synthetic
     tag = "tiny" if quick else "sd15"
     d.mkdir(parents=True, exist_ok=True)
-    paths = [d / f"mb_{tag}_{n}.safetensors" for n in ("A", "F1", "F2", "F3")]
-    for i, p in enumerate(paths):
-        if p.exists():
-            continue
-        t = time.perf_counter()
-        tmp = p.with_name(p.name + ".tmp")
-        if i == 0:
-            listing = synthetic.load_listing("sd15")
-            synthetic.write_checkpoint(tmp, synthetic.tiny(listing) if quick else listing, seed=1)
-        else:
-            write_finetune(paths[0], tmp, seed=100 + i)
-        os.replace(tmp, p)
-        print(f"built {p.name} ({p.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True)
+    paths = [d / f"mb_{tag}_{n}.safetensors" for n in ("A", "F1", "F2", "F3")[:count]]
+    listing = synthetic.load_listing("sd15")
+    build_file(paths[0], lambda tmp: synthetic.write_checkpoint(tmp, synthetic.tiny(listing) if quick else listing,
+                                                                seed=1))
+    for i, p in enumerate(paths[1:], start=1):
+        build_file(p, lambda tmp: write_finetune(paths[0], tmp, seed=100 + i))
     return paths
 
 
