@@ -400,3 +400,12 @@ def test_qkv_that_does_not_fit_its_third_names_it(sd2_full, tmp_path):
     with pytest.raises(MergeError, match=rf"in_proj_weight \(9, 3\) \(v third of the joined in_proj\) "
                                          rf"\(ΔW 9×3, needs 3×3\).*module {name}"):
         bake_loras(a, [LoraInput(lora)], tmp_path / "o.safetensors")
+
+
+def test_plain_lora_dims_are_read_off_the_factors():
+    from lib_merge.lora.kinds import LoraModule
+    lin = LoraModule("lora_unet_x", torch.randn(6, 2), torch.randn(2, 5), 2.0)
+    conv = LoraModule("lora_unet_y", torch.randn(6, 2, 1, 1), torch.randn(2, 4, 3, 3), 1.0)
+    for mod in (lin, conv):
+        assert mod.dims() == tuple(mod.delta().shape)
+    assert conv.dims() == (6, 36)

@@ -80,6 +80,12 @@ class LoraModule(Module):
         """up (out, r) and down (r, in·k·k) in fp32: conv factors reshaped to the matrices they multiply as."""
         return _mat(self.up.to(torch.float32)), _mat(self.down.to(torch.float32))
 
+    def dims(self) -> tuple[int, int]:
+        """(up's rows, down's columns): read off the factors (the meta-device path costs milliseconds a module)."""
+        if self.mid is None:
+            return int(self.up.shape[0]), math.prod(int(d) for d in self.down.shape[1:])
+        return super().dims()
+
     def delta(self, device: str = "cpu") -> torch.Tensor:
         up, down = _mat(_f32(self.up, device)), _mat(_f32(self.down, device))
         if self.mid is None:
