@@ -18,6 +18,7 @@ from lib_merge import synthetic as S
 from lib_merge.cli import main
 from lib_merge.errors import MergeError
 from lib_merge.live import CachePolicy, LiveSession, fingerprint
+from lib_merge.lora.apply import bake_recipe
 from lib_merge.lora.bake import LoraInput, bake_loras
 from lib_merge.lora.names import module_name
 from lib_merge.merge import merge_to_file
@@ -112,15 +113,16 @@ def test_merge_with_lora_equals_lora_bake_on_the_fp32_merge_bit_for_bit(models, 
             assert torch.equal(t, want), key
 
 
-def test_no_interpolation_with_lora_is_lora_bake_bit_for_bit(models, loras, tmp_path):
-    """One model and a LoRA: the merge path writes exactly what ``lora bake`` writes (tensors; not metadata)."""
-    l1, _ = loras
-    r = Recipe(models=[str(models["sd15_a"])], mode="no_interpolation", lora=[entry(l1, 0.8, "MIDD")])
-    got = load(merge_to_file(r, tmp_path / "n.safetensors").output)
-    baked = load(bake_loras(models["sd15_a"], [LoraInput(l1, 0.8, "MIDD")], tmp_path / "b.safetensors").output)
-    assert got.keys() == baked.keys()
-    for key in got:
-        assert got[key].dtype == baked[key].dtype and torch.equal(got[key], baked[key]), key
+def test_lora_bake_as_a_merge_writes_the_same_bytes(models, loras, tmp_path):
+    """``lora bake`` through the merge engine (no_interpolation + lora, with bake's metadata): the same file."""
+    l1, l2 = loras
+    inputs = [LoraInput(l1, 0.8, "MIDD"), LoraInput(l2, -0.5)]
+    for arch in ("sd15_a", "leftovers"):  # fp16 weights; fp32 EMA, schedule buffers, int position ids
+        baked = bake_loras(models[arch], inputs, tmp_path / f"b_{arch}.safetensors").output
+        raw = baked.read_bytes()
+        meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]  # in the file's order
+        res = merge_to_file(bake_recipe(models[arch], inputs), tmp_path / f"m_{arch}.safetensors", metadata=meta)
+        assert res.output.read_bytes() == baked.read_bytes(), arch
 
 
 def test_block_weights_scale_exactly_the_modules_of_their_blocks(models, loras, tmp_path):
@@ -317,3 +319,12 @@ def test_strength_change_re_merges_only_patched_keys_and_restore_is_exact(models
         assert fingerprint(params) == before
     finally:
         session.close()
+
+
+def test_inspect_shows_the_loras(models, loras, tmp_path, capsys):
+    l1, l2 = loras
+    out = tmp_path / "i.safetensors"
+    merge_to_file(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])],
+                         lora=[entry(l1, 0.7, "OUTALL"), entry(l2, 1.0, [1.0] * 12)]), out)
+    assert main(["inspect", str(out)]) == 0
+    assert "LoRAs:        l1.safetensors:0.7:OUTALL, l2.safetensors:1.0:" + ",".join(["1"] * 12) in capsys.readouterr().out

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import Tensor
 
 from ..arch import ArchSpec
-from ..recipe import LoraEntry
+from ..recipe import LoraEntry, Recipe
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,11 @@ def add_lora(patches: Iterable[LoraPatch], value: Tensor) -> Tensor:
 def counts(patches: Mapping[str, tuple[LoraPatch, ...]]) -> tuple[int, int]:
     """(weights patched, module applications) for the report."""
     return len(patches), sum(len(v) for v in patches.values())
+
+
+def bake_recipe(model: str | os.PathLike, loras: Iterable[Any]) -> Recipe:
+    """``lora bake MODEL LORA…`` as a merge recipe: A alone (``no_interpolation``), every tensor in A's dtype, the
+    LoRAs (``bake.LoraInput``) baked in. ``merge_to_file`` of it with bake's metadata writes the same bytes as
+    ``bake_loras`` (tested), on the multi-threaded file sink: what ``bake_loras`` can switch to."""
+    entries = [LoraEntry(os.fspath(lo.path), lo.strength, getattr(lo, "blocks", None)) for lo in loras]
+    return Recipe(models=[os.fspath(model)], mode="no_interpolation", dtype="keep", lora=entries)
