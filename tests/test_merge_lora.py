@@ -328,3 +328,26 @@ def test_inspect_shows_the_loras(models, loras, tmp_path, capsys):
                          lora=[entry(l1, 0.7, "OUTALL"), entry(l2, 1.0, [1.0] * 12)]), out)
     assert main(["inspect", str(out)]) == 0
     assert "LoRAs:        l1.safetensors:0.7:OUTALL, l2.safetensors:1.0:" + ",".join(["1"] * 12) in capsys.readouterr().out
+
+
+def test_missing_lora_file_is_named_and_nothing_is_written(models, tmp_path):
+    out = tmp_path / "o.safetensors"
+    r = Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], lora=[entry(tmp_path / "gone.safetensors")])
+    with pytest.raises(MergeError, match=r"^LoRA file not found, .*gone\.safetensors$"):
+        merge_to_file(r, out)
+    assert not out.exists()
+
+
+def test_recipe_file_lora_paths_are_relative_to_the_recipe(models, loras, tmp_path):
+    l1, _ = loras
+    rec = l1.parent / "r.json"
+    rec.write_text(json.dumps({"models": [str(models["sd15_a"]), str(models["sd15_b"])], "alpha": 0.3,
+                               "dtype": "fp32", "lora": [{"path": "l1.safetensors", "strength": 0.5}]}))
+    out = tmp_path / "f.safetensors"
+    assert main(["merge", "--recipe", str(rec), "-o", str(out), "-q"]) == 0
+    torch.testing.assert_close(load(out)[LIN], lerp(models, LIN, 0.3) + 0.5 * delta(l1, LIN), rtol=1e-5, atol=1e-5)
+    over = tmp_path / "g.safetensors"  # --lora replaces the recipe's list
+    assert main(["merge", "--recipe", str(rec), "-o", str(over), "--lora", f"{l1}:0", "-q"]) == 0
+    plain = merge_to_file(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], alpha=0.3, dtype="fp32"),
+                          tmp_path / "p.safetensors").output
+    assert torch.equal(load(over)[LIN], load(plain)[LIN])
