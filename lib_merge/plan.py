@@ -374,8 +374,9 @@ def _with_lora(keys: list[KeyPlan], entries: list, a: Source, arch: ArchSpec, re
             raise MergeError(f"a LoRA patches {kp.key}, which comes from {source}; LoRAs patch merged or A's "
                              f"weights only, {todo[0].source[0]} module {todo[0].module}")
         out.append(replace(kp, lora=todo) if todo else kp)
-    missing = [k for k in patches if k not in {kp.key for kp in keys}]
-    if missing:  # pruned keys: a LoRA module would silently vanish
+    planned = {kp.key for kp in keys}
+    missing = [k for k in patches if k not in planned]
+    if missing:  # a key the output leaves out (--prune): the module must not vanish silently
         raise MergeError(f"a LoRA patches {missing[0]}, which the output does not hold, "
                          f"{patches[missing[0]][0].source[0]} module {patches[missing[0]][0].module}")
     n_keys, n_mods = counts(patches)

@@ -38,12 +38,12 @@ LORA_KEYS = list(SHAPES)  # what the fixture's first LoRA patches
 SHAPES[OUT2] = (3, 3, 3, 3)
 
 
-def make_lora(path, keys, seed: int, rank: int = 2, alpha: float | None = 1.0):
+def make_lora(path, keys, seed: int, rank: int = 2, alpha: float | None = 1.0, shapes=SHAPES):
     """A plain LoRA file with one module per key (random factors, fp16 like real files)."""
     g = torch.Generator().manual_seed(seed)
     t = {}
     for key in keys:
-        shape = SHAPES[key]
+        shape = shapes[key]
         name = module_name(key)
         tail = (1, 1) if len(shape) == 4 else ()
         t[name + ".lora_up.weight"] = torch.randn(shape[0], rank, *tail, generator=g).half()
@@ -54,14 +54,14 @@ def make_lora(path, keys, seed: int, rank: int = 2, alpha: float | None = 1.0):
     return path
 
 
-def delta(lora_path, key) -> torch.Tensor:
+def delta(lora_path, key, shapes=SHAPES) -> torch.Tensor:
     """up @ down · alpha/rank of ``key``'s module, by hand, in fp32."""
     t = load(lora_path)
     name = module_name(key)
     up, down = t[name + ".lora_up.weight"].float(), t[name + ".lora_down.weight"].float()
     rank = down.shape[0]
     alpha = float(t[name + ".alpha"]) if name + ".alpha" in t else rank
-    return (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)).reshape(SHAPES[key]) * (alpha / rank)
+    return (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)).reshape(shapes[key]) * (alpha / rank)
 
 
 @pytest.fixture
@@ -351,3 +351,17 @@ def test_recipe_file_lora_paths_are_relative_to_the_recipe(models, loras, tmp_pa
     plain = merge_to_file(Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], alpha=0.3, dtype="fp32"),
                           tmp_path / "p.safetensors").output
     assert torch.equal(load(over)[LIN], load(plain)[LIN])
+
+
+def test_sdxl_merge_with_a_text_encoder_and_unet_lora(models, tmp_path):
+    te1 = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    unet = UNET + "output_blocks.2.1.transformer_blocks.0.attn1.to_q.weight"  # OUT02 on SDXL
+    a, b = load(models["sdxl_a"]), load(models["sdxl_b"])
+    shapes = {te1: tuple(a[te1].shape), unet: tuple(a[unet].shape)}
+    lo = make_lora(tmp_path / "xl.safetensors", [te1, unet], seed=4, shapes=shapes)
+    r = Recipe(models=[str(models["sdxl_a"]), str(models["sdxl_b"])], alpha=0.25, dtype="fp32",
+               lora=[entry(lo, 0.5, [1.0] * 12)])
+    got = load(merge_to_file(r, tmp_path / "x.safetensors").output)
+    for key in (te1, unet):
+        want = torch.lerp(a[key].float(), b[key].float(), 0.25) + 0.5 * delta(lo, key, shapes)
+        torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5, msg=key)
