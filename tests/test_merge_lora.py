@@ -365,3 +365,67 @@ def test_sdxl_merge_with_a_text_encoder_and_unet_lora(models, tmp_path):
     for key in (te1, unet):
         want = torch.lerp(a[key].float(), b[key].float(), 0.25) + 0.5 * delta(lo, key, shapes)
         torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5, msg=key)
+
+
+# -- other LoRA kinds and names (lora.kinds, lora.names): the same patch plan, so the same numbers -----------------
+def _kinds_lora(path):
+    """LoHa on LIN and CONV3, LoKr on TE_LIN (3×3 = kron of 3×1 and 1×3), a plain module on OUT_V."""
+    g = torch.Generator().manual_seed(8)
+    r = 2
+    t = {}
+    for key, cols in ((LIN, 3), (CONV3, 27)):
+        name = module_name(key)
+        t.update({f"{name}.hada_w1_a": torch.randn(3, r, generator=g), f"{name}.hada_w1_b": torch.randn(r, cols, generator=g),
+                  f"{name}.hada_w2_a": torch.randn(3, r, generator=g), f"{name}.hada_w2_b": torch.randn(r, cols, generator=g),
+                  f"{name}.alpha": torch.tensor(1.0)})
+    te = module_name(TE_LIN)
+    t.update({f"{te}.lokr_w1": torch.randn(3, 1, generator=g), f"{te}.lokr_w2": torch.randn(1, 3, generator=g)})
+    out_v = module_name(OUT_V)
+    t.update({f"{out_v}.lora_up.weight": torch.randn(3, 1, generator=g),
+              f"{out_v}.lora_down.weight": torch.randn(1, 768, generator=g)})
+    save_file({k: v.contiguous() for k, v in t.items()}, str(path))
+    return path
+
+
+def test_loha_lokr_in_a_merge_are_lora_bake_on_the_fp32_merge_and_live_equals_file(models, sd15_listing, tmp_path):
+    kinds = _kinds_lora(tmp_path / "kinds.safetensors")
+    base = Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], alpha=0.35, dtype="fp32", vae="a")
+    merged = merge_to_file(base, tmp_path / "m32.safetensors").output
+    baked = load(bake_loras(merged, [LoraInput(kinds, 0.6)], tmp_path / "b.safetensors").output)
+    r = Recipe(**{**base.__dict__, "lora": [entry(kinds, 0.6)]})
+    got = load(merge_to_file(r, tmp_path / "w.safetensors").output)
+    assert got.keys() == baked.keys() and all(torch.equal(got[k], baked[k]) for k in got)
+    assert sum(not torch.equal(got[k], load(merged)[k]) for k in got) == 4
+    session, module = _session(models, sd15_listing)
+    try:
+        session.apply(r)
+        assert all(torch.equal(p.detach(), got[k]) for k, p in module.named_parameters())
+        assert session.apply(Recipe(**{**base.__dict__, "lora": [entry(kinds, 0.1)]})).written == 4
+    finally:
+        session.close()
+
+
+def test_sd2_openclip_qkv_thirds_in_a_merge(models, tmp_path):
+    """q and v modules land in their thirds of the joined in_proj_weight, on the merged value."""
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    a = load(models["sd2_a"])
+    d = a[key].shape[1]
+    g = torch.Generator().manual_seed(9)
+    t = {}
+    for which in ("q", "v"):
+        name = f"lora_te_text_model_encoder_layers_0_self_attn_{which}_proj"
+        t[f"{name}.lora_up.weight"] = torch.randn(d, 1, generator=g)
+        t[f"{name}.lora_down.weight"] = torch.randn(1, d, generator=g)
+    lo = tmp_path / "qv.safetensors"
+    save_file(t, str(lo))
+    base = Recipe(models=[str(models["sd2_a"]), str(models["sd2_b"])], alpha=0.5, dtype="fp32")
+    merged = load(merge_to_file(base, tmp_path / "m.safetensors").output)
+    got = load(merge_to_file(Recipe(**{**base.__dict__, "lora": [entry(lo, 2.0)]}), tmp_path / "q.safetensors").output)
+    for i, which in enumerate("qkv"):
+        rows = slice(i * d, (i + 1) * d)
+        if which == "k":
+            assert torch.equal(got[key][rows], merged[key][rows])
+            continue
+        name = f"lora_te_text_model_encoder_layers_0_self_attn_{which}_proj"
+        want = merged[key][rows] + 2.0 * (t[f"{name}.lora_up.weight"] @ t[f"{name}.lora_down.weight"])
+        torch.testing.assert_close(got[key][rows], want, rtol=1e-5, atol=1e-5)
