@@ -429,3 +429,23 @@ def test_sd2_openclip_qkv_thirds_in_a_merge(models, tmp_path):
         name = f"lora_te_text_model_encoder_layers_0_self_attn_{which}_proj"
         want = merged[key][rows] + 2.0 * (t[f"{name}.lora_up.weight"] @ t[f"{name}.lora_down.weight"])
         torch.testing.assert_close(got[key][rows], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,kw", [("ties", {"params": {"density": 0.5}}), ("add_difference", {})])
+def test_streamed_and_three_model_modes_with_lora_live_equals_file(models, loras, sd15_listing, tmp_path, mode, kw):
+    """TIES reads its inputs as mapped file views (streamed): the LoRA on top must not write through them."""
+    l1, _ = loras
+    names = [str(models[n]) for n in ("sd15_a", "sd15_b", "sd15_c")]
+    r = Recipe(models=names, mode=mode, alpha=0.8, dtype="fp32", vae="a", lora=[entry(l1, 0.9)], **kw)
+    plain = load(merge_to_file(Recipe(**{**r.__dict__, "lora": []}), tmp_path / "p.safetensors").output)
+    got = load(merge_to_file(r, tmp_path / "f.safetensors").output)
+    for key in LORA_KEYS:
+        torch.testing.assert_close(got[key], plain[key] + 0.9 * delta(l1, key), rtol=1e-5, atol=1e-5, msg=key)
+    session, module = _session(models, sd15_listing)
+    try:
+        session.apply(r)
+        assert all(torch.equal(p.detach(), got[k]) for k, p in module.named_parameters())
+    finally:
+        session.close()
+    again = load(merge_to_file(r, tmp_path / "again.safetensors").output)  # inputs untouched: the same again
+    assert all(torch.equal(again[k], got[k]) for k in got)
