@@ -17,6 +17,8 @@ from typing import Any, Callable
 from .adjust import parse_adjust
 from .dice import check_seed, is_token
 from .errors import MergeError
+from .lora.blocks import PRESETS as LORA_BLOCK_PRESETS, parse_blocks
+from .weights import split_values
 from .methods import bind, get_method, get_mode
 from .roles import MAX_MODELS
 from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
@@ -181,14 +183,12 @@ def _lora_entry(where: str, e: Any, origin: str) -> LoraEntry:
 
 def _lora_blocks(key: str, v: Any, origin: str) -> str | list[float] | None:
     """null, a preset name, or a list of numbers (checked: a known preset, an accepted length)."""
-    from .lora.blocks import PRESETS, parse_blocks  # lora.blocks needs nothing from the recipe: no cycle
-    from .weights import split_values
     if v is None or (isinstance(v, str) and not v.strip()):
         return None
     if isinstance(v, str):
         text = v.strip()
         tokens = split_values(text)
-        if text in PRESETS or len(tokens) == 1:
+        if text in LORA_BLOCK_PRESETS or len(tokens) == 1:
             parse_blocks(text, f"{key}, {origin}")  # a known preset, or an error naming the unknown name
             return text
         for t in tokens:
