@@ -449,3 +449,22 @@ def test_streamed_and_three_model_modes_with_lora_live_equals_file(models, loras
         session.close()
     again = load(merge_to_file(r, tmp_path / "again.safetensors").output)  # inputs untouched: the same again
     assert all(torch.equal(again[k], got[k]) for k in got)
+
+
+def test_interrupted_strength_change_rolls_back_to_the_previous_lora_merge(models, loras, sd15_listing):
+    from lib_merge.errors import MergeInterrupted
+    l1, _ = loras
+    session, module = _session(models, sd15_listing)
+    params = dict(module.named_parameters())
+    try:
+        def r(s):
+            return Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], alpha=0.4, vae="a", lora=[entry(l1, s)])
+        session.apply(r(0.7))
+        merged = fingerprint(params)
+        calls = []
+        with pytest.raises(MergeInterrupted):
+            session.apply(r(-0.3), cancel=lambda: calls.append(1) or len(calls) > 3)  # 5 keys to re-merge
+        assert fingerprint(params) == merged and session.recipe.to_dict()["lora"][0]["strength"] == 0.7
+        assert session.apply(r(0.7)).written == 0
+    finally:
+        session.close()
