@@ -27,6 +27,7 @@ EPILOG = """examples:
   {prog} merge A.safetensors B.safetensors C.safetensors -o out.safetensors --mode add_difference --alpha 1
   {prog} merge A.safetensors B.safetensors -o out.safetensors --elemental "OUT03-OUT05:attn2:0.2"
   {prog} merge A.safetensors B.safetensors -o out.safetensors --method slerp --alpha 0.3
+  {prog} merge A.safetensors B.safetensors -o out.safetensors --lora style.safetensors:0.8:OUTALL
   {prog} merge BASE.safetensors FT1.safetensors FT2.safetensors FT3.safetensors -o out.safetensors --mode ties -p density=0.2 --alpha 1
   {prog} methods
   {prog} merge --recipe recipe.yaml -o out.safetensors --weights GRAD_A
@@ -70,6 +71,9 @@ MERGE_HELP = {
     "random_upper": "per-block upper bounds of X (same forms as --weights)",
     "adjust": "Adjust (supermerger's detail/colour tweak, after the merge): 8 numbers IN,OUT,OUT2,contrast,"
               "brightness,cyan_red,magenta_green,yellow_blue (about -5..5; all zeros = off)",
+    "lora": "bake a LoRA into the merge (repeatable): W = merge + strength · ΔW, after the merge formula and "
+            "before --adjust, the numbers `lora bake` gives on the fp32 merge; STRENGTH default 1, BLOCKS a LoRA "
+            "block-weight preset or 12/17/20/26 values as for `lora bake`",
     "supermerger_time_embed_out11": "give time_embed the OUT11 ratio as supermerger 2023-07..2025-11 did "
                                     "(SDXL: keep time_embed/label_emb from A), to reproduce its recipes exactly",
 }
@@ -107,6 +111,8 @@ def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
     for name in ("random_lower", "random_upper"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="VALUES", help=MERGE_HELP[name])
     p.add_argument("--adjust", default=None, metavar="IN,OUT,OUT2,C,BR,CR,MG,YB", help=MERGE_HELP["adjust"])
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH[:BLOCKS]]",
+                   help=MERGE_HELP["lora"])
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default=None, help=MERGE_HELP["dtype"])
     p.add_argument("--vae", choices=list(VAE_CHOICES), default=None, help=MERGE_HELP["vae"])
     p.add_argument("--bake-vae", dest="bake_vae", default=None, metavar="FILE", help=MERGE_HELP["bake_vae"])
@@ -259,6 +265,8 @@ def merge_recipe(args):
             raise MergeError(f"empty {f.name.replace('_', ' ')}, --{f.name.replace('_', '-')}")
         if f.name == "adjust" and v is not None:
             v = parse_adjust(v, "--adjust") or [0.0] * 8  # all zeros: off, also over a recipe file's adjust
+        if f.name == "lora" and v is not None:  # --lora replaces a recipe file's list
+            v = [lora_entry(text) for text in v]
         if v is not None:
             changes[f.name] = v
     if args.param_items:
@@ -266,6 +274,13 @@ def merge_recipe(args):
         given = dict(base.params) if (mode, method) == (base.mode, base.method) else {}
         changes["params"] = {**given, **parse_params(mode, method, args.param_items)}
     return with_overrides(base, changes)
+
+
+def lora_entry(text: str) -> dict:
+    """``--lora PATH[:STRENGTH[:BLOCKS]]`` as a recipe ``lora`` entry (read as ``lora bake`` reads it)."""
+    from .lora.bake import parse_lora_arg
+    lo = parse_lora_arg(text)
+    return {"path": str(lo.path), "strength": lo.strength, "blocks": lo.blocks}
 
 
 def parse_params(mode: str, method: str, items: list[str]) -> dict:

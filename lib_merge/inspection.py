@@ -56,7 +56,7 @@ def merge_summary(recipe_json: str | None) -> dict | None:
         return None
     if not isinstance(data, dict):
         return None
-    out = {k: data.get(k) for k in ("mode", "method", "alpha", "seed", "adjust") if data.get(k) is not None}
+    out = {k: data.get(k) for k in ("mode", "method", "alpha", "seed", "adjust", "lora") if data.get(k) is not None}
     out["models"] = data.get("models") or []
     try:
         declared, _ = params_for(data.get("mode") or "weighted_sum", data.get("method") or "linear")
@@ -66,6 +66,16 @@ def merge_summary(recipe_json: str | None) -> dict | None:
     except MergeError:  # a mode or method this version does not know: show what the file says
         out["params"] = data.get("params") or {}
     return out
+
+
+def _lora_text(e) -> str:
+    """``style.safetensors:0.8:OUTALL``, as ``--lora`` takes it."""
+    if not isinstance(e, dict):
+        return str(e)
+    blocks = e.get("blocks")
+    if isinstance(blocks, list):
+        blocks = ",".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in blocks)
+    return f"{e.get('path')}:{e.get('strength')}" + (f":{blocks}" if blocks else "")
 
 
 def _human(n: float) -> str:
@@ -105,6 +115,8 @@ def format_summary(s: dict) -> str:
                      + (f", seed {merge['seed']}" if "seed" in merge else "")
                      + (f", adjust {merge['adjust']}" if "adjust" in merge else ""))
         lines.append(f"models:       {', '.join(map(str, merge['models']))}")
+        if isinstance(merge.get("lora"), list):
+            lines.append("LoRAs:        " + ", ".join(_lora_text(e) for e in merge["lora"]))
     meta = s.get("metadata") or {}
     if meta:
         lines.append("metadata:")

@@ -14,8 +14,8 @@ from .dtypes import is_float
 from .io.filesink import FileSink, check_device, data_bytes, prepare_output
 from .metadata import InputFile, build_metadata, file_name, output_stem
 from .plan import Plan, build_plan
-from .recipe import Recipe, as_recipe, check_path_text
-from .roles import ROLE_LETTERS
+from .recipe import Recipe, as_recipe, check_path_text, parse_lora
+from .roles import ROLE_LETTERS, lora_role
 from .io.sources import Source, open_source
 
 
@@ -37,7 +37,8 @@ def normalize_recipe(recipe: Recipe) -> Recipe:
     """Input paths as absolute ``str`` (Path objects and relative paths accepted), so the recipe keeps naming the
     same files if the working folder changes. The metadata records only file names and sha256 either way."""
     return replace(recipe, models=[os.path.abspath(m) for m in recipe.models],
-                   bake_vae=os.path.abspath(recipe.bake_vae) if recipe.bake_vae else None)
+                   bake_vae=os.path.abspath(recipe.bake_vae) if recipe.bake_vae else None,
+                   lora=[replace(e, path=os.path.abspath(e.path)) for e in parse_lora(recipe.lora, "recipe")])
 
 
 def _hash(path: Path, progress: Callable[[str, int, int], None] | None) -> str:
@@ -49,6 +50,11 @@ def _hash(path: Path, progress: Callable[[str, int, int], None] | None) -> str:
 def _input(role: str, recorded, src: Source, progress) -> InputFile:
     return InputFile(role, file_name(recorded), _hash(src.path, progress), hashing.legacy_hash(src.path),
                      dict(src.metadata) if role != "vae" else {})
+
+
+def _lora_input(role: str, recorded: str, path: Path, progress) -> InputFile:
+    """A LoRA recorded like a model (name and sha256, so ``reproduce`` finds it); no lineage of its own."""
+    return InputFile(role, file_name(recorded), _hash(path, progress), hashing.legacy_hash(path), {})
 
 
 def writes_only_fp16(plan: Plan) -> bool:
@@ -89,7 +95,7 @@ def merge_to_file(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite
                   cancel: Callable[[], bool] | None = None, locate: dict[str, str] | None = None,
                   output_name: str | None = None, metadata: dict[str, str] | None = None) -> MergeResult:
     """Merge to ``output``. Inputs may be str or Path, relative or absolute: the metadata records their file
-    names and sha256 only. ``locate`` maps a role ("a", "b", "c", …, "vae") to where that input is now (the
+    names and sha256 only. ``locate`` maps a role ("a", "b", "c", …, "vae", "lora1", …) to where that input is now (the
     recipe's entry then only gives the recorded name), ``output_name`` is the name
     recorded in the metadata (default: the output's stem), and ``metadata`` replaces the metadata built here
     (reproduce of a file written with an older metadata layout). ``recipe`` may be a ``Recipe`` or a dict in
@@ -105,15 +111,19 @@ def merge_to_file(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite
     paths = [Path(locate.get(role, m)) for role, m in zip(ROLE_LETTERS, recorded)]
     vae_rec = os.fspath(recipe.bake_vae) if recipe.bake_vae else None
     vae_path = Path(locate.get("vae", vae_rec)) if vae_rec else None
-    out = check_output_path(output, paths + ([vae_path] if vae_path else []), overwrite)
+    lora_rec = [e.path for e in recipe.lora]
+    lora_paths = [Path(locate.get(lora_role(i), rec)) for i, rec in enumerate(lora_rec)]
+    out = check_output_path(output, paths + ([vae_path] if vae_path else []) + lora_paths, overwrite)
     with ExitStack() as stack:
         sources: list[Source] = [stack.enter_context(open_source(p)) for p in paths]
         bake = stack.enter_context(open_source(vae_path)) if vae_path else None
-        plan = build_plan(recipe, sources, bake)
+        located = replace(recipe, lora=[replace(e, path=str(p)) for e, p in zip(recipe.lora, lora_paths)])
+        plan = build_plan(located, sources, bake)
         plan.report.notes.extend(prepare_output(out, data_bytes(plan)))
         inputs = [_input(role, rec, src, progress) for role, rec, src in zip(ROLE_LETTERS, recorded, sources)]
         if bake is not None:
             inputs.append(_input("vae", vae_rec, bake, progress))
+        inputs += [_lora_input(lora_role(i), rec, p, progress) for i, (rec, p) in enumerate(zip(lora_rec, lora_paths))]
         if metadata is None:
             resolved = {"arch": plan.arch.name, "weights_alpha": plan.alpha_vector, "weights_beta": plan.beta_vector}
             if plan.random is not None:  # the seed (drawn here when the recipe had none) and every drawn number

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .recipe import Recipe
+from .roles import ROLE_LETTERS, is_lora_role
 
 
 # The WebUI's own spellings of the modes its built-in merger has (modules/extras.py interp_method).
@@ -49,7 +50,7 @@ def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, re
                    is_inpainting: bool, is_pix2pix: bool, save_as_half: bool) -> dict[str, str]:
     """All values are strings (safetensors requires it). Deterministic: no timestamps. ``save_as_half``: every
     written float tensor is fp16 (what the WebUI's flag means, whatever the dtype option said)."""
-    models = [i for i in inputs if i.role != "vae"]
+    models = [i for i in inputs if i.role in ROLE_LETTERS]  # not the VAE, not the LoRAs
     hashes = [m.sha256 for m in models] + [None] * (3 - len(models))
     vae = next((i for i in inputs if i.role == "vae"), None)
     sd_recipe = {
@@ -79,6 +80,9 @@ def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, re
     ours["alpha"], ours["beta"] = float(recipe.alpha), float(recipe.beta)  # the API's 1 is the CLI's 1.0
     ours["models"] = [m.name for m in models]
     ours["bake_vae"] = vae.name if vae else None
+    if "lora" in ours:  # each LoRA by file name; its sha256 is in inputs (role lora1, lora2, …)
+        names = [i.name for i in inputs if is_lora_role(i.role)]
+        ours["lora"] = [{**e, "path": name} for e, name in zip(ours["lora"], names)]
     ours["inputs"] = [{"role": i.role, "name": i.name, "sha256": i.sha256} for i in inputs]
     ours["resolved"] = resolved
     return {

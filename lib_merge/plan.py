@@ -4,7 +4,7 @@ method with a statistics pass (cosine_a/b) reads A and B once here, so that both
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import MutableMapping
 
 from . import presets
@@ -16,7 +16,8 @@ from .elemental import apply_rules, parse_rules
 from .errors import MergeError
 from .methods import Formula, Mode, bind, get_mode
 from .methods.stats import with_stats
-from .recipe import Recipe
+from .lora.apply import LoraPatch, counts, plan_lora
+from .recipe import Recipe, parse_lora
 from .roles import label
 from .io.sources import Source, TensorInfo
 from .weights import parse_weights_info
@@ -51,6 +52,8 @@ class KeyPlan:
     channels: int | None = field(default=None, metadata={"value": True})
     # Adjust (§1.12), applied to the merged fp32 result; only on "merge" keys
     adjust: Adjustment | None = field(default=None, metadata={"value": True})
+    # LoRA patches added to the merged fp32 value (or to A's, on a "copy_a" key) before Adjust (lora.apply)
+    lora: tuple[LoraPatch, ...] = field(default=(), metadata={"value": True})
 
 
 @dataclass
@@ -336,6 +339,7 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
         use.beta_used |= beta_plain and formula.uses_beta
         plan("merge", channels=channels)
 
+    keys = _with_lora(keys, parse_lora(recipe.lora, "recipe"), a, arch, report)
     if recipe.copy_b_only and b_only:
         b = sources[1]
         for key in sorted(b_only):
@@ -354,6 +358,31 @@ def build_plan(recipe: Recipe, sources: list[Source], bake_vae: Source | None = 
         report.notes.append("--random-lower/--random-upper have no effect: no X token drew from them")
     return Plan(arch, detected, keys, alpha_vec, beta_vec, report, mode, formula, order,
                 dice.seed if dice else None, dice.record() if dice else None)
+
+
+def _with_lora(keys: list[KeyPlan], entries: list, a: Source, arch: ArchSpec, report: Report) -> list[KeyPlan]:
+    """The key plans with the LoRAs' patches attached. LoRAs are matched against A's weights; a patched key
+    taken from A stays "copy_a" (its value is A's, patched), one taken from B or the baked VAE is an error."""
+    if not entries:
+        return keys
+    patches = plan_lora(entries, a.shapes(), arch)
+    out = []
+    for kp in keys:
+        todo = patches.get(kp.key)
+        if todo and kp.action not in ("merge", "copy_a"):
+            source = "model B" if kp.action == "copy_b" else "the baked VAE"
+            raise MergeError(f"a LoRA patches {kp.key}, which comes from {source}; LoRAs patch merged or A's "
+                             f"weights only, {todo[0].source[0]} module {todo[0].module}")
+        out.append(replace(kp, lora=todo) if todo else kp)
+    planned = {kp.key for kp in keys}
+    missing = [k for k in patches if k not in planned]
+    if missing:  # a key the output leaves out (--prune): the module must not vanish silently
+        raise MergeError(f"a LoRA patches {missing[0]}, which the output does not hold, "
+                         f"{patches[missing[0]][0].source[0]} module {patches[missing[0]][0].module}")
+    n_keys, n_mods = counts(patches)
+    report.notes.append(f"{len(entries)} LoRA{'s' if len(entries) > 1 else ''} baked in: {n_mods} modules "
+                        f"into {n_keys} weights (after the merge, before Adjust)")
+    return out
 
 
 def stats_keys(a: Source, b: Source) -> list[str]:

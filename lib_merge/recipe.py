@@ -17,14 +17,34 @@ from typing import Any, Callable
 from .adjust import parse_adjust
 from .dice import check_seed, is_token
 from .errors import MergeError
+from .lora.blocks import PRESETS as LORA_BLOCK_PRESETS, parse_blocks
+from .weights import split_values
 from .methods import bind, get_method, get_mode
 from .roles import MAX_MODELS
 from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
 
 RECIPE_VERSION = 2  # 2: method and params; version 1 (neither) still loads, as method linear
+# Fields added since version 2 (seed, random bounds, adjust, lora) are left out of the JSON when unset, so a
+# recipe that does not use them serialises byte for byte as before and older files reproduce unchanged; an
+# older engine refuses a recipe that uses them with "unknown recipe field", naming the field.
 READABLE_VERSIONS = (1, 2)
 OMITTED_WHEN_UNSET = ("seed", "random_lower", "random_upper", "adjust")
 MAX_RECIPE_FILE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
+
+
+@dataclass
+class LoraEntry:
+    """One LoRA baked into the merge: its file, strength, and block weights (``None``: every block 1; a LoRA
+    block-weight preset name; or 12/17/20/26 numbers, see ``lib_merge.lora.blocks``)."""
+    path: str
+    strength: float = 1.0
+    blocks: str | list[float] | None = None
+
+    def blocks_text(self) -> str | None:
+        """BLOCKS as ``lora bake`` takes it (a preset name, or the numbers joined by commas)."""
+        if isinstance(self.blocks, list):
+            return ",".join(repr(float(v)) for v in self.blocks)
+        return self.blocks
 
 
 @dataclass
@@ -55,6 +75,8 @@ class Recipe:
     random_lower: str | None = None  # per-block lower bounds of X (same forms as weights)
     random_upper: str | None = None  # per-block upper bounds of X
     adjust: list[float] | None = None  # §1.12 detail/colour tweak: 8 floats, None when off (blank/all zeros)
+    lora: list[LoraEntry] = field(default_factory=list)  # LoRAs baked into the merged values (after the formula,
+    # before Adjust; ``lib_merge.lora.apply``)
 
     def validate(self) -> None:
         m = get_mode(self.mode)
@@ -84,6 +106,7 @@ class Recipe:
                 raise MergeError(f"{name} must be a finite number, {v!r}")
         check_seed(self.seed)
         parse_adjust(self.adjust, "adjust")
+        parse_lora(self.lora, "recipe")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form. Random-ratio fields left unset are left out, so recipes (and the metadata of files)
@@ -93,6 +116,10 @@ class Recipe:
         for name in OMITTED_WHEN_UNSET:
             if d[name] is None:
                 del d[name]
+        if d["lora"]:
+            d["lora"] = [asdict(e) for e in parse_lora(self.lora, "recipe")]
+        else:
+            del d["lora"]
         d["version"] = RECIPE_VERSION
         return d
 
@@ -123,6 +150,61 @@ def as_recipe(value: Recipe | Mapping[str, Any], origin: str = "recipe") -> Reci
     recipe = Recipe.from_dict(value, origin)
     recipe.validate()
     return recipe
+
+
+LORA_FIELDS = ("path", "strength", "blocks")
+
+
+def parse_lora(value: Any, origin: str) -> list[LoraEntry]:
+    """The ``lora`` field: a list of entries, each a ``LoraEntry`` or an object with ``path`` (required),
+    ``strength`` (a number, default 1) and ``blocks`` (null, a preset name, or a list of numbers; a text of
+    numbers is read as that list). A bad entry is an error naming ``lora[i]`` and its field."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise MergeError(f"lora must be a list of LoRA entries (got {_got(value)}), {origin}")
+    return [_lora_entry(f"lora[{i}]", e, origin) for i, e in enumerate(value)]
+
+
+def _lora_entry(where: str, e: Any, origin: str) -> LoraEntry:
+    if isinstance(e, LoraEntry):
+        e = asdict(e)
+    if not isinstance(e, Mapping):
+        raise MergeError(f"{where} must be an object with path, strength and blocks (got {_got(e)}), {origin}")
+    unknown = [k for k in e if k not in LORA_FIELDS]
+    if unknown:
+        raise MergeError(f"{where} has an unknown field {unknown[0]!r} (fields: {', '.join(LORA_FIELDS)}), {origin}")
+    if "path" not in e:
+        raise MergeError(f"{where} needs a path, {origin}")
+    path = _path(f"{where}.path", e["path"], origin)
+    strength = _number(f"{where}.strength", e.get("strength", 1.0), origin)
+    return LoraEntry(path, strength, _lora_blocks(f"{where}.blocks", e.get("blocks"), origin))
+
+
+def _lora_blocks(key: str, v: Any, origin: str) -> str | list[float] | None:
+    """null, a preset name, or a list of numbers (checked: a known preset, an accepted length)."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if isinstance(v, str):
+        text = v.strip()
+        tokens = split_values(text)
+        if text in LORA_BLOCK_PRESETS or len(tokens) == 1:
+            parse_blocks(text, f"{key}, {origin}")  # a known preset, or an error naming the unknown name
+            return text
+        for t in tokens:
+            try:
+                float(t)
+            except ValueError:
+                raise MergeError(f"{key} must be a preset name or numbers (got {t!r}), {origin}") from None
+        v = [float(t) for t in tokens]
+    if not isinstance(v, (list, tuple)):
+        raise MergeError(f"{key} must be null, a preset name or a list of numbers (got {_got(v)}), {origin}")
+    bad = [x for x in v if not _is_number(x)]
+    if bad:
+        raise MergeError(f"{key} list items must be numbers (got {_got(bad[0])}), {origin}")
+    values = [_number(key, x, origin) for x in v]
+    parse_blocks(",".join(repr(x) for x in values), f"{key}, {origin}")  # the accepted lengths
+    return values
 
 
 def with_overrides(recipe: Recipe, changes: Mapping[str, Any], origin: str = "command line") -> Recipe:
@@ -272,6 +354,7 @@ _BY_FIELD: dict[str, Callable[[str, Any, str], Any]] = {
     "elemental": _joined("\n", lambda x: isinstance(x, str), "strings"),
     "params": _params,
     "adjust": lambda key, v, origin: parse_adjust(v, origin),
+    "lora": lambda key, v, origin: parse_lora(v, origin),
 }
 _BY_TYPE: dict[str, Callable[[str, Any, str], Any]] = {"float": _number, "int": _integer, "bool": _flag, "str": _text}
 
@@ -343,4 +426,5 @@ def load_recipe_file(path: str | Path) -> Recipe:
         raise MergeError(f"recipe is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}), {p}") from None
     r = Recipe.from_dict(_parse_text(text, p), str(p))
     return replace(r, models=[_against(p.parent, m) for m in r.models],
-                   bake_vae=_against(p.parent, r.bake_vae) if r.bake_vae else None)
+                   bake_vae=_against(p.parent, r.bake_vae) if r.bake_vae else None,
+                   lora=[replace(e, path=_against(p.parent, e.path)) for e in r.lora])

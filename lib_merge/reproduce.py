@@ -19,7 +19,7 @@ from .errors import MergeError
 from .merge import merge_to_file
 from .metadata import file_name, output_stem
 from .recipe import RECIPE_VERSION, Recipe
-from .roles import ROLE_LETTERS
+from .roles import ROLE_LETTERS, is_lora_role, lora_role
 from .io.sources import open_source
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -42,6 +42,8 @@ class Wanted:
 
     @property
     def label(self) -> str:
+        if is_lora_role(self.role):
+            return f"LoRA {self.role[4:]}"
         return "VAE" if self.role == "vae" else self.role.upper()
 
 
@@ -70,7 +72,8 @@ def _recorded_inputs(data: dict, src: Path) -> dict[str, dict]:
         raise MergeError(f"blockmerge_recipe inputs is not a list: {_short(inputs)}, {src}")
     out: dict[str, dict] = {}
     for entry in inputs:
-        ok = (isinstance(entry, dict) and entry.get("role") in ROLES and isinstance(entry.get("name", ""), str)
+        ok = (isinstance(entry, dict) and (entry.get("role") in ROLES or is_lora_role(str(entry.get("role"))))
+              and isinstance(entry.get("name", ""), str)
               and isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"]) is not None)
         if not ok:
             raise MergeError(f"blockmerge_recipe has a malformed inputs entry {_short(entry)}, {src}")
@@ -80,6 +83,7 @@ def _recorded_inputs(data: dict, src: Path) -> dict[str, dict]:
 
 def _wanted(recipe: Recipe, inputs: dict[str, dict]) -> list[Wanted]:
     pairs = list(zip(ROLE_LETTERS, recipe.models)) + ([("vae", recipe.bake_vae)] if recipe.bake_vae else [])
+    pairs += [(lora_role(i), e.path) for i, e in enumerate(recipe.lora)]
     return [Wanted(role, rec, inputs.get(role, {}).get("sha256")) for role, rec in pairs]
 
 

@@ -18,3 +18,14 @@ def label(i: int) -> str:
 def labels(n: int) -> str:
     """``"A B C"`` for three models."""
     return " ".join(label(i) for i in range(n))
+
+
+def lora_role(i: int) -> str:
+    """The metadata role of the recipe's LoRA ``i`` ("lora1", "lora2", …, as ``lora bake`` records them)."""
+    return f"lora{i + 1}"
+
+
+def is_lora_role(role: str) -> bool:
+    """``lora1``, ``lora2``, … (no ``lora0``, no leading zeros)."""
+    n = role[4:]
+    return role.startswith("lora") and n.isdigit() and not n.startswith("0")

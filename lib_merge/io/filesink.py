@@ -224,7 +224,7 @@ class _Task:
     offset: int  # absolute output offset of this chunk
     elem_start: int
     elem_count: int
-    whole: bool  # compute the whole tensor (non-elementwise modes or methods, partial channels)
+    whole: bool  # compute the whole tensor (non-elementwise modes or methods, partial channels, Adjust, LoRA)
 
 
 class _Pool:
@@ -311,8 +311,8 @@ def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[
         item = ITEMSIZE[kp.out_dtype]
         numel = (end - start) // item
         chunk = min(CHUNK_ELEMS, BUF_BYTES // max(item, in_items(kp)))
-        whole = kp.action in ("merge",) and (kp.channels is not None or kp.adjust is not None
-                                              or not plan.formula.elementwise)
+        whole = bool(kp.lora) or kp.action in ("merge",) and (kp.channels is not None or kp.adjust is not None
+                                                               or not plan.formula.elementwise)
         if whole or numel <= chunk:
             tasks.append(_Task(kp, start, 0, numel, whole))
             continue
@@ -387,8 +387,8 @@ class FileSink:
         kp = task.kp
         out_t = ST_TO_TORCH[kp.out_dtype]
         nbytes = task.elem_count * ITEMSIZE[kp.out_dtype]
-        if task.whole:
-            srcs = self.sources[: self.plan.formula.models]
+        if task.whole:  # a "copy_a" key is whole only when LoRAs patch it: its one input is A
+            srcs = self.sources[: self.plan.formula.models] if kp.action == "merge" else self.sources[:1]
             need = whole_bytes(kp, len(srcs))
             self.budget.acquire(need)
             try:

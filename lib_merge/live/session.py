@@ -216,7 +216,8 @@ class LiveSession:
             flat = param.view(-1)
             n = flat.numel()
             scratch = self._scratch(param.device, len(caches))
-            whole = sig != ORIGINAL and (kp.channels is not None or kp.adjust is not None or not formula.elementwise)
+            whole = sig != ORIGINAL and (kp.channels is not None or kp.adjust is not None or bool(kp.lora)
+                                         or not formula.elementwise)
             if whole or (sig == ORIGINAL and not check):
                 if check:
                     for s0 in range(0, n, CHUNK):
@@ -225,7 +226,8 @@ class LiveSession:
                 if sig == ORIGINAL:
                     param.copy_(self.a.get(key))
                 else:
-                    param.copy_(merge_tensors(formula, kp, [c.get(key) for c in caches], device=param.device))
+                    ins = caches if kp.action == "merge" else caches[:1]  # "copy_a" + LoRA: A patched
+                    param.copy_(merge_tensors(formula, kp, [c.get(key) for c in ins], device=param.device))
             else:
                 written_upto = 0
                 try:
@@ -253,7 +255,10 @@ class LiveSession:
 
     @staticmethod
     def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple) -> Signature:
-        if kp is None or kp.action != "merge" or (kp.adjust is None and plan.formula.is_identity(kp.alpha, kp.beta)):
+        if kp is not None and kp.action == "copy_a" and kp.lora:
+            return ("copy_a", ids[:1], kp.lora)  # A's value with LoRAs added: depends on A and the patches only
+        if kp is None or kp.action != "merge" or (kp.adjust is None and not kp.lora
+                                                  and plan.formula.is_identity(kp.alpha, kp.beta)):
             return ORIGINAL  # the live weight already holds A: nothing to write, nothing to cache
         return plan.formula.signature(kp, ids)
 

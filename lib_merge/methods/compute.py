@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..adjust import apply
+from ..lora.apply import add_lora
 from ..plan import KeyPlan
 from .formula import Formula
 
@@ -20,17 +21,20 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
     ``scratch``: optional fp32 buffers (one per input, same numel as the inputs) that may be overwritten;
     ``a_ready``: ``scratch[0]`` already holds A's values in fp32 (the live sink converted them for its check);
     ``owned``: ``tensors`` are fp32 copies on ``device`` that may be overwritten (used as they are, not copied).
-    Applies the key's Adjust (§1.12) last; an adjusted key is always computed whole (both sinks see to it).
+    Then adds the key's LoRA patches and applies its Adjust (§1.12) last; a patched or adjusted key is always
+    computed whole (both sinks see to it). A "copy_a" key with LoRA patches is A's value (``tensors[0]``) patched.
     Handles the inpainting first conv (merge only the first ``kp.channels`` input channels, keep A's rest).
     """
+    if kp.action != "merge":
+        return finish(kp, tensors[0].to(device=device, dtype=torch.float32))
     if kp.channels is not None:
         a = tensors[0].to(device=device, dtype=torch.float32, copy=True)
         parts = [a[:, :kp.channels].clone()] + [t[:, :kp.channels].to(device=device, dtype=torch.float32, copy=True)
                                                 for t in tensors[1:]]
         a[:, :kp.channels] = formula.compute_all(parts, kp.alpha, kp.beta, kp.key)
-        return apply(kp.adjust, a)
+        return finish(kp, a)
     if formula.mode.streams:  # reads the inputs as they are and never writes them: no fp32 copies
-        return apply(kp.adjust, formula.compute_all([t.to(device) for t in tensors], kp.alpha, kp.beta, kp.key))
+        return finish(kp, formula.compute_all([t.to(device) for t in tensors], kp.alpha, kp.beta, kp.key))
     ins: list[Tensor] = []
     for i, t in enumerate(tensors):
         if owned:
@@ -42,4 +46,9 @@ def merge_tensors(formula: Formula, kp: KeyPlan, tensors: list[Tensor], scratch:
             ins.append(buf)
         else:
             ins.append(t.to(device=device, dtype=torch.float32, copy=True))
-    return apply(kp.adjust, formula.compute_all(ins, kp.alpha, kp.beta, kp.key))
+    return finish(kp, formula.compute_all(ins, kp.alpha, kp.beta, kp.key))
+
+
+def finish(kp: KeyPlan, result: Tensor) -> Tensor:
+    """What follows the formula, in this order: the LoRAs' ΔW, then Adjust (on the whole fp32 result)."""
+    return apply(kp.adjust, add_lora(kp.lora, result))
