@@ -3,7 +3,9 @@
 Every module of every LoRA is matched to a weight of the model before a byte is written: a module with no
 matching weight (names: ``names``, compvis or diffusers style, OpenCLIP q/k/v into their third of the joined
 ``in_proj_weight``), or whose ΔW has another shape, is an error naming it (never a silent skip). Patched weights
-are computed in fp32 and written in the model's dtype; every other tensor is copied unchanged.
+are computed in fp32 and written in the model's dtype; every other tensor is copied unchanged. The file is
+written by the merge path (``apply.bake_recipe``: the model alone with the LoRAs baked in) on the multi-threaded
+file sink, with this module's own recipe in the metadata.
 
 Block weights (``LORA:STRENGTH:BLOCKS``, see ``blocks``) multiply the strength of each module by the value of
 its weight's block; a module whose strength comes to 0 is not applied at all, so the weights of a block at 0 are
@@ -21,16 +23,15 @@ from pathlib import Path
 import torch
 
 from .. import hashing
-from ..arch import ArchSpec, block_of, detect
+from ..arch import ArchSpec, block_of
 from ..errors import MergeError
-from ..io.sources import open_source
-from ..merge import check_output_path
+from ..merge import check_output_path, merge_to_file
 from ..metadata import file_name
+from .apply import bake_recipe, counts
 from .blocks import parse_blocks
 from .files import read_lora
 from .kinds import LoraModule, Module, rows_cols
 from .names import module_map, resolve
-from .writer import Entry, write_streamed
 
 
 @dataclass(frozen=True)
@@ -150,26 +151,17 @@ def bake_loras(model: str | os.PathLike, loras: list[LoraInput], output: str | o
     if not loras:
         raise MergeError("give at least one LoRA file, LORA")
     out = check_output_path(output, [Path(model), *(lo.path for lo in loras)], overwrite)
-    with open_source(model) as src:
-        arch = detect(src.shapes(), str(src.path)).arch
-        patches = plan_patches(loras, src.shapes(), arch)
-        entries = [Entry(k, info.dtype, info.shape) for k, info in src.infos.items()]
-
-        def produce(key: str) -> torch.Tensor:
-            w = src.read(key)
-            todo = patches.get(key)
-            return patched(w, todo) if todo else w
-
-        recipe = {
-            "type": "blockmerge_lora", "lora": "bake", "model": file_name(model),
-            "loras": [{"name": file_name(lo.path), "strength": lo.strength,
-                       **({"blocks": lo.blocks} if lo.blocks is not None else {})} for lo in loras],
-            "inputs": [{"role": "model", "name": file_name(model), "sha256": hashing.sha256_file(model)}]
-            + [{"role": f"lora{i + 1}", "name": file_name(lo.path), "sha256": hashing.sha256_file(lo.path)}
-               for i, lo in enumerate(loras)],
-        }
-        meta = {"format": "pt",
-                "blockmerge_recipe": json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=False)}
-        sha = write_streamed(out, entries, produce, meta, overwrite)
-    n_mod = sum(len(v) for v in patches.values())
-    return BakeResult(out, sha, arch.name, len(patches), n_mod, time.monotonic() - t0)
+    recipe = {
+        "type": "blockmerge_lora", "lora": "bake", "model": file_name(model),
+        "loras": [{"name": file_name(lo.path), "strength": lo.strength,
+                   **({"blocks": lo.blocks} if lo.blocks is not None else {})} for lo in loras],
+        "inputs": [{"role": "model", "name": file_name(model), "sha256": hashing.sha256_file(model)}]
+        + [{"role": f"lora{i + 1}", "name": file_name(lo.path), "sha256": hashing.sha256_file(lo.path)}
+           for i, lo in enumerate(loras)],
+    }
+    meta = {"format": "pt",
+            "blockmerge_recipe": json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=False)}
+    # the merge path (A alone, the LoRAs baked in, every tensor in A's dtype) on the multi-threaded file sink
+    res = merge_to_file(bake_recipe(model, loras), out, overwrite=overwrite, metadata=meta)
+    patched_keys, n_mod = counts({kp.key: kp.lora for kp in res.plan.keys if kp.lora})
+    return BakeResult(out, res.sha256, res.plan.arch.name, patched_keys, n_mod, time.monotonic() - t0)
