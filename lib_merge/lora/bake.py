@@ -150,6 +150,8 @@ def bake_loras(model: str | os.PathLike, loras: list[LoraInput], output: str | o
     t0 = time.monotonic()
     if not loras:
         raise MergeError("give at least one LoRA file, LORA")
+    for lo in loras:
+        block_strengths(lo)  # a bad BLOCKS is named by its LoRA file, before anything is read
     out = check_output_path(output, [Path(model), *(lo.path for lo in loras)], overwrite)
     recipe = {
         "type": "blockmerge_lora", "lora": "bake", "model": file_name(model),
