@@ -76,7 +76,8 @@ def test_axes_registered_once_with_labels(webui):
     assert labels == ["BlockMerge: alpha", "BlockMerge: beta", "BlockMerge: preset", "BlockMerge: weights",
                       "BlockMerge: block value", "BlockMerge: model B", "BlockMerge: model C",
                       "BlockMerge: merge mode", "BlockMerge: method", "BlockMerge: method parameter",
-                      "BlockMerge: seed", "BlockMerge: adjust", "BlockMerge: elemental", "BlockMerge: sub-target"]
+                      "BlockMerge: seed", "BlockMerge: adjust", "BlockMerge: elemental", "BlockMerge: sub-target",
+                      "BlockMerge: LoRA strength"]
 
 
 def test_alpha_grid_cells_differ_and_model_comes_back(webui):

@@ -1,11 +1,12 @@
-"""The tab's "LoRA" accordion: extract a LoRA from two checkpoints, merge LoRAs (issue 13).
+"""The tab's "LoRA" accordion: bake LoRAs into the test merge, extract a LoRA from two checkpoints, merge LoRAs
+(issue 13).
 
-Each part turns its controls into the request dict of its API route and sends it to the same service method
-the route calls (``SERVICE.lora_extract`` / ``SERVICE.lora_merge``), through ``wrap_gradio_gpu_call`` (queue
-lock, job state); checks and messages are the service's. The accordion is built from one function per part
-(:func:`extract_part`, :func:`merge_part`), each returning its components under its own key, so baking LoRAs
-into the live test merge (it needs the recipe's ``lora`` field) is one more part added beside them, wired to
-Test merge's request, without touching these two.
+Extract and Merge LoRAs turn their controls into the request dict of their API route and send it to the same
+service method the route calls (``SERVICE.lora_extract`` / ``SERVICE.lora_merge``), through
+``wrap_gradio_gpu_call`` (queue lock, job state); checks and messages are the service's. The bake part has no
+button of its own: its controls are inputs of Test merge, Save and Merge to file, whose request gets the
+``lora`` field from :func:`bake_request` (the API's field: one code path). The accordion is built from one
+function per part, each returning its components under its own key.
 gradio 3.41 and 4.x: ``gr.update`` only, no ``.style()``.
 """
 from __future__ import annotations
@@ -42,19 +43,47 @@ def extract_request(tuned: str | None, base: str | None, keep: str, rank: float,
     return body
 
 
-def parse_ratios(text: str | None, count: int) -> list[float]:
-    """"0.5, 0.5" -> one ratio per selected LoRA; empty means 1 for each."""
+def parse_ratios(text: str | None, count: int, what: str = "ratios") -> list[float]:
+    """"0.5, 0.5" -> one number per selected LoRA; empty means 1 for each. ``what`` names the text box."""
     if not text or not text.strip():
         return [1.0] * count
     parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise MergeError(f"ratios must be numbers separated by commas, ratios: {text!r}") from None
+        raise MergeError(f"{what} must be numbers separated by commas, {what}: {text!r}") from None
     if len(values) != count:
-        raise MergeError(f"{len(values)} ratios for {count} selected LoRAs (one per LoRA, in the list's order), "
-                         f"ratios: {text!r}")
+        raise MergeError(f"{len(values)} {what} for {count} selected LoRAs (one per LoRA, in the list's order), "
+                         f"{what}: {text!r}")
     return values
+
+
+def parse_bake_blocks(text: str | None, count: int) -> list[str | None]:
+    """"OUTALL; ; 1,0,…" -> one block-weight preset or vector per selected LoRA (``;`` between LoRAs, since a
+    vector holds commas); empty means every block for each, an empty item every block for that LoRA. The
+    presets and vectors themselves are checked by the service, naming ``lora[i].blocks``."""
+    if not text or not text.strip():
+        return [None] * count
+    items = [b.strip() or None for b in text.split(";")]
+    if len(items) != count:
+        raise MergeError(f"{len(items)} block weights for {count} selected LoRAs (one preset or vector per LoRA, "
+                         f"separated by ';'), blocks: {text!r}")
+    return items
+
+
+def bake_request(names: list[str] | None, strengths: str | None, blocks: str | None) -> list[dict[str, Any]]:
+    """The bake controls -> the request's ``lora`` field (``[]`` when no LoRA is selected)."""
+    names = [n for n in (names or []) if n]
+    if not names:
+        return []
+    values = parse_ratios(strengths, len(names), "strengths")
+    out: list[dict[str, Any]] = []
+    for n, v, b in zip(names, values, parse_bake_blocks(blocks, len(names))):
+        item: dict[str, Any] = {"name": n, "strength": v}
+        if b:
+            item["blocks"] = b
+        out.append(item)
+    return out
 
 
 def parse_rank_choice(choice: str | None) -> int | str | None:
@@ -95,6 +124,24 @@ def _lora_list(value: list[str] | None = None) -> dict:
 
 
 # -- layout and wiring -------------------------------------------------------------------------------------------
+def bake_part() -> dict[str, Any]:
+    gr.Markdown("**Bake into the test merge**: the selected LoRAs are added to the merged weights by Test merge, "
+                "Save and Merge to file (W + strength · ΔW, per-LoRA block weights); a strength change re-merges "
+                "only the weights they patch. `<lora:…>` in the prompt still works on top",
+                elem_id="blockmerge_bake_title")
+    with gr.Row():
+        loras = gr.Dropdown(label="LoRAs to bake (LoRA folder)", choices=lora_names(), multiselect=True,
+                            elem_id="blockmerge_bake_loras")
+        refresh = gr.Button(value="\U0001f504", elem_id="blockmerge_bake_refresh", elem_classes=["tool"])
+    with gr.Row():
+        strengths = gr.Textbox(label="Strengths, one per selected LoRA (empty: 1 each)", placeholder="0.8,0.5",
+                               elem_id="blockmerge_bake_strengths")
+        blocks = gr.Textbox(label="Block weights, one preset or 12/17/20/26-value vector per selected LoRA, "
+                                  "separated by ; (empty: all blocks)", placeholder="OUTALL; 1,0,0,0,1,1,1,1,1,1,1,1,1,1,1,1,1",
+                            elem_id="blockmerge_bake_blocks")
+    return {"loras": loras, "refresh": refresh, "strengths": strengths, "blocks": blocks}
+
+
 def extract_part() -> dict[str, Any]:
     gr.Markdown("**Extract** a LoRA from a fine-tune and its base: ΔW = tuned − base per layer, truncated by SVD; "
                 "written to the LoRA folder", elem_id="blockmerge_lora_extract_title")
@@ -149,29 +196,31 @@ def merge_part() -> dict[str, Any]:
             "overwrite": overwrite, "button": button, "status": status}
 
 
-def wire(ex: dict[str, Any], mg: dict[str, Any]) -> None:
+def wire(ex: dict[str, Any], mg: dict[str, Any], bk: dict[str, Any]) -> None:
+    """A new LoRA file (extract, merge, refresh) shows in both LoRA lists, each keeping its selection."""
     def do_extract(*args):
         try:
             res = SERVICE.lora_extract(extract_request(*args))
         except MergeError as e:
-            return [gr.update(), status_html(str(e), True)]
-        return [_lora_list(), status_html(result_line(res))]  # the new file is selectable right away
+            return [gr.update(), gr.update(), status_html(str(e), True)]
+        return [_lora_list(), _lora_list(), status_html(result_line(res))]  # the new file is selectable right away
 
     def do_merge(names, *args):
         try:
             res = SERVICE.lora_merge(merge_request(names, *args))
         except MergeError as e:
-            return [gr.update(), status_html(str(e), True)]
-        return [_lora_list(names), status_html(result_line(res))]
+            return [gr.update(), gr.update(), status_html(str(e), True)]
+        return [_lora_list(names), _lora_list(), status_html(result_line(res))]
 
-    ex["button"].click(fn=_gpu_wrap(do_extract, [mg["loras"], ex["status"]]),
+    ex["button"].click(fn=_gpu_wrap(do_extract, [mg["loras"], bk["loras"], ex["status"]]),
                        inputs=[ex[k] for k in ("tuned", "base", "keep", "rank", "energy", "conv_rank", "text_encoder",
                                                "dtype", "output", "overwrite")],
-                       outputs=[mg["loras"], ex["status"]])
-    mg["button"].click(fn=_gpu_wrap(do_merge, [mg["loras"], mg["status"]]),
+                       outputs=[mg["loras"], bk["loras"], ex["status"]])
+    mg["button"].click(fn=_gpu_wrap(do_merge, [mg["loras"], bk["loras"], mg["status"]]),
                        inputs=[mg[k] for k in ("loras", "ratios", "rank", "dtype", "output", "overwrite")],
-                       outputs=[mg["loras"], mg["status"]])
-    mg["refresh"].click(fn=lambda: _lora_list(), inputs=[], outputs=[mg["loras"]])
+                       outputs=[mg["loras"], bk["loras"], mg["status"]])
+    for button in (mg["refresh"], bk["refresh"]):
+        button.click(fn=lambda: [_lora_list(), _lora_list()], inputs=[], outputs=[mg["loras"], bk["loras"]])
 
     def on_keep(keep):
         return [gr.update(interactive=keep == "rank"), gr.update(interactive=keep == "energy")]
@@ -182,7 +231,8 @@ def wire(ex: dict[str, Any], mg: dict[str, Any]) -> None:
 def lora_accordion() -> dict[str, dict[str, Any]]:
     """Builds the accordion where it is called (inside the tab's Blocks); returns its parts' components."""
     with gr.Accordion("LoRA", open=False, elem_id="blockmerge_lora_acc"):
+        bk = bake_part()
         ex = extract_part()
         mg = merge_part()
-    wire(ex, mg)
-    return {"extract": ex, "merge": mg}
+    wire(ex, mg, bk)
+    return {"bake": bk, "extract": ex, "merge": mg}

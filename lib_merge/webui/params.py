@@ -10,11 +10,13 @@ from ..elemental import subtarget_rule
 from ..errors import MergeError
 from ..methods.modes import Mode, get_mode
 from ..options import check_subtargets
-from ..recipe import READABLE_VERSIONS, Recipe
+from ..lora.blocks import parse_blocks
+from ..recipe import READABLE_VERSIONS, LoraEntry, Recipe
 
 FIELDS = {"model_a", "model_b", "model_c", "more_models", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
           "preset_beta", "elemental", "dtype", "vae", "subtargets", "supermerger_time_embed_out11", "seed",
-          "method", "params", "adjust", "output", "overwrite"}
+          "method", "params", "adjust", "lora", "output", "overwrite"}
+LORA_ITEM_FIELDS = ("name", "strength", "blocks")
 
 
 def _num(params: dict, name: str, default: float) -> float:
@@ -105,10 +107,62 @@ def _other_models(params: dict, mode: Mode, resolve_model: Callable[[str, str], 
     return out
 
 
+def _lora_strength(item: dict, where: str) -> float:
+    """A JSON number (default 1): ``"0.5"`` is refused, as ``lora/merge`` refuses a text ratio."""
+    v = item.get("strength")
+    if v is None:
+        return 1.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise MergeError(f"{where}.strength must be a finite number, {where}.strength: {v!r}")
+    return float(v)
+
+
+def _lora_blocks(item: dict, where: str) -> str | list[float] | None:
+    """null, a LoRA block-weight preset name, a text of 12/17/20/26 numbers, or a list of them; checked by the
+    engine's reader (``lora.blocks.parse_blocks``), the message naming ``lora[i].blocks``."""
+    v = item.get("blocks")
+    key = f"{where}.blocks"
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if isinstance(v, str):
+        parse_blocks(v, key)
+        return v.strip()
+    if not isinstance(v, list) or not all(not isinstance(x, bool) and isinstance(x, (int, float)) for x in v):
+        raise MergeError(f"{key} must be null, a preset name or a list of numbers, {key}: {v!r}")
+    values = [float(x) for x in v]
+    if not all(math.isfinite(x) for x in values):
+        raise MergeError(f"{key} must be finite numbers, {key}: {v!r}")
+    parse_blocks(",".join(repr(x) for x in values), key)
+    return values
+
+
+def lora_entries(value: Any, resolve_lora: Callable[[Any, str], str] | None) -> list[LoraEntry]:
+    """``lora``: a list of ``{name, strength, blocks}`` (strength defaults to 1, blocks to null) -> the recipe's
+    entries. ``resolve_lora(name, field) -> file path`` looks a name up in the WebUI's LoRA list (never joins it
+    onto a folder); without one (no LoRA folder), any LoRA is an error."""
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list):
+        raise MergeError(f"lora must be a list of {{name, strength, blocks}}, lora: {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"lora[{i}]"
+        if not isinstance(item, dict):
+            raise MergeError(f"{where} must be a JSON object with name, strength and blocks, {where}")
+        unknown = sorted(set(item) - set(LORA_ITEM_FIELDS))
+        if unknown:
+            raise MergeError(f"unknown field, {where}.{unknown[0]}")
+        if resolve_lora is None:
+            raise MergeError(f"LoRAs cannot be baked here (no LoRA folder), {where}.name")
+        path = resolve_lora(item.get("name"), f"{where}.name")
+        out.append(LoraEntry(str(path), _lora_strength(item, where), _lora_blocks(item, where)))
+    return out
+
+
 def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], model_a_path: str | None,
-              default_vae: str = "a") -> Recipe:
+              default_vae: str = "a", resolve_lora: Callable[[Any, str], str] | None = None) -> Recipe:
     """``resolve_model(name, field) -> file path`` (checkpoint names only). ``model_a_path`` is used when
-    ``model_a`` is absent (the loaded checkpoint for live merges)."""
+    ``model_a`` is absent (the loaded checkpoint for live merges). ``resolve_lora``: see :func:`lora_entries`."""
     if not isinstance(params, dict):
         raise MergeError("the request body must be a JSON object")
     unknown = sorted(set(params) - FIELDS)
@@ -141,7 +195,8 @@ def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], 
                     preset_beta=_str(params, "preset_beta"), elemental=elemental, dtype=dtype, vae=vae,
                     supermerger_time_embed_out11=flag(params, "supermerger_time_embed_out11"),
                     seed=_whole(params, "seed"), method=_str(params, "method") or "linear",
-                    params=method_params(params), adjust=parse_adjust(params.get("adjust"), "adjust"))
+                    params=method_params(params), adjust=parse_adjust(params.get("adjust"), "adjust"),
+                    lora=lora_entries(params.get("lora"), resolve_lora))
     try:
         recipe.validate()  # choices, the rules across fields, the method with the mode and its declared params
     except MergeError as e:

@@ -13,7 +13,7 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,6 +34,18 @@ class Conflict(MergeError):
 
 class Unsupported(MergeError):
     """The host or loaded model cannot do a live merge: HTTP 503."""
+
+
+def lora_note(items: list[dict] | None) -> str:
+    """"; LoRAs baked: a.safetensors 0.8, b.safetensors 1 (blocks OUTALL)" for the status line (canonical items)."""
+    if not items:
+        return ""
+    parts = []
+    for e in items:
+        blocks = e.get("blocks")
+        shown = blocks if isinstance(blocks, str) else (",".join(f"{v:g}" for v in blocks) if blocks else "")
+        parts.append(f"{e['name']} {e['strength']:g}" + (f" (blocks {shown})" if shown else ""))
+    return "; LoRAs baked: " + ", ".join(parts)
 
 
 class Service:
@@ -64,9 +76,46 @@ class Service:
         return host.checkpoint_by_name(name, field).filename
 
     @staticmethod
-    def canonical(params: dict[str, Any]) -> dict[str, Any]:
-        """``params`` with each model field as the checkpoint's canonical name (any alias may come in)."""
+    def lora_resolver() -> Callable[[Any, str], str]:
+        """``(name, field) -> path`` for the request's ``lora`` names: looked up in the LoRA folder's listing,
+        read once per request, exactly as ``lora/merge`` looks up its inputs (never joined onto a path)."""
+        from . import lora  # imports this module's Conflict
+        files: dict | None = None
+
+        def resolve(name: Any, field: str) -> str:
+            nonlocal files
+            if files is None:
+                files = lora.lora_files()
+            return str(lora.resolve_lora(name, field, files))
+        return resolve
+
+    @staticmethod
+    def canonical_lora(items: list[dict]) -> list[dict]:
+        """The ``lora`` field as the LoRA list names its files (``x`` -> ``x.safetensors``), strength filled in,
+        blocks only where given: two requests that bake the same LoRAs read the same."""
+        from . import lora
+        files = lora.lora_files()
+        names = {os.path.realpath(p): n for n, p in files.items()}
+        out = []
+        for i, item in enumerate(items):
+            path = lora.resolve_lora(item.get("name"), f"lora[{i}].name", files)
+            entry: dict[str, Any] = {"name": names[os.path.realpath(path)],
+                                     "strength": float(1.0 if item.get("strength") is None else item["strength"])}
+            blocks = item.get("blocks")
+            if blocks is not None and blocks != [] and not (isinstance(blocks, str) and not blocks.strip()):
+                entry["blocks"] = blocks.strip() if isinstance(blocks, str) else blocks
+            out.append(entry)
+        return out
+
+    @classmethod
+    def canonical(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with each model field as the checkpoint's canonical name (any alias may come in) and each
+        LoRA by its name in the LoRA list."""
         out = dict(params)
+        if out.get("lora"):
+            out["lora"] = cls.canonical_lora(out["lora"])
+        elif "lora" in out:
+            del out["lora"]  # [] / null: no LoRAs, the same request as without the field
         for field in ("model_a", "model_b", "model_c"):
             if out.get(field):
                 out[field] = host.checkpoint_by_name(out[field], field).name
@@ -142,7 +191,7 @@ class Service:
             if os.path.realpath(info.filename) != os.path.realpath(model.sd_checkpoint_info.filename):
                 raise Conflict(f"model_a is not the loaded checkpoint; load it first, model_a: {a_name!r}")
         recipe = to_recipe({k: v for k, v in params.items() if k not in ("output", "overwrite")},
-                           self.resolve_model, model.sd_checkpoint_info.filename)
+                           self.resolve_model, model.sd_checkpoint_info.filename, resolve_lora=self.lora_resolver())
         t_setup = time.perf_counter()
         session = self._session_for(model)
         t_apply = time.perf_counter()
@@ -162,7 +211,7 @@ class Service:
                    "host_after_write": round(t_done - t_apply - report.seconds, 3),
                    "sentinels": round(time.perf_counter() - t_done, 3)}
         msg = (f"test merge live: {report.written} tensors written, {report.unchanged} unchanged, "
-               f"{report.seconds:.2f} s; the preview uses the WebUI's current VAE")
+               f"{report.seconds:.2f} s{lora_note(params.get('lora'))}; the preview uses the WebUI's current VAE")
         self.last_message = msg
         return {"live": session.is_merged, "written": report.written, "unchanged": report.unchanged,
                 "seconds": round(time.perf_counter() - t0, 3), "notes": report.notes, "message": msg,
@@ -196,7 +245,7 @@ class Service:
         p.setdefault("dtype", host.opt(host.OPT_DEFAULT_DTYPE, DEFAULT_SAVE_DTYPE))
         model = host.loaded_model()
         loaded_path = model.sd_checkpoint_info.filename if model is not None and getattr(model, "sd_checkpoint_info", None) else None
-        recipe = to_recipe(p, self.resolve_model, loaded_path)
+        recipe = to_recipe(p, self.resolve_model, loaded_path, resolve_lora=self.lora_resolver())
         live = self.session.recipe if params is None and self.session is not None else None
         if live is not None and recipe.seed is None and live.seed is not None:
             recipe = replace(recipe, seed=live.seed)  # random ratios: the numbers that were previewed
@@ -293,8 +342,21 @@ class Service:
         recipe["models"] = [os.path.basename(m) for m in recipe.get("models") or []]
         if recipe.get("bake_vae"):
             recipe["bake_vae"] = os.path.basename(recipe["bake_vae"])
+        if recipe.get("lora"):
+            names = self._lora_names()
+            for e in recipe["lora"]:
+                e["path"] = names.get(os.path.realpath(e["path"]), os.path.basename(e["path"]))
         text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
         return {"BlockMerge": text, "BlockMerge hash": hashlib.sha256(text.encode()).hexdigest()[:10]}
+
+    @staticmethod
+    def _lora_names() -> dict[str, str]:
+        """real path -> name in the LoRA list (infotexts name LoRAs as ``lora`` requests do, never by path)."""
+        from . import lora
+        try:
+            return {os.path.realpath(p): n for n, p in lora.lora_files().items()}
+        except Exception:
+            return {}
 
     def status(self) -> dict:
         """Runs beside a test merge without a lock (``GET status``): reads the session's snapshot only."""

@@ -367,7 +367,7 @@ def create_tab():
             file_btn = gr.Button("Merge to file (A B C)", elem_id="blockmerge_merge_file")
             stop_btn = gr.Button("Stop", elem_id="blockmerge_stop")
         status = gr.HTML(status_html("ready"), elem_id="blockmerge_status")
-        from .lora_ui import lora_accordion  # imports this module: built here, not at import time
+        from .lora_ui import bake_request, lora_accordion  # imports this module: built here, not at import time
         lora = lora_accordion()
 
         with gr.Accordion("Preview settings", open=False, elem_id="blockmerge_preview_acc"):
@@ -491,19 +491,25 @@ def create_tab():
 
         delete_preset.click(fn=on_delete_preset, inputs=[preset_name, layout], outputs=[preset, status])
 
+        bake = lora["bake"]
         common = [model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
                   subtargets, elemental, dtype, vae] + adjust + [method, merge_seed_box, more_models] + \
-            [c for _, _, c in param_ctls]
+            [bake["loras"], bake["strengths"], bake["blocks"]] + [c for _, _, c in param_ctls]
         n_base = 14 + len(adjust)  # build_params' positional UI fields (Adjust's sliders last); then method, seed
-        # box, more models, the parameter controls
+        # box, more models, the 3 LoRA bake controls, the parameter controls
 
         def request(model_a_v, args) -> dict[str, Any]:
-            """``common``'s values -> the request: build_params' fields, the method, its parameters, the seed."""
+            """``common``'s values -> the request: build_params' fields, the method, its parameters, the seed, the
+            LoRAs to bake (the API's ``lora`` field, left out when none is selected)."""
             meth, box, more = args[n_base] or "linear", args[n_base + 1], args[n_base + 2]
             m = args[3]
-            vals = param_values(selected_owners(m, meth), param_ctls, list(args[n_base + 3:]))
-            return build_params(model_a_v, *args[1:n_base], method=meth, params=vals, seed=merge_seed(box, meth, m),
-                                more_models=more)
+            vals = param_values(selected_owners(m, meth), param_ctls, list(args[n_base + 6:]))
+            p = build_params(model_a_v, *args[1:n_base], method=meth, params=vals, seed=merge_seed(box, meth, m),
+                             more_models=more)
+            loras = bake_request(*args[n_base + 3:n_base + 6])
+            if loras:
+                p["lora"] = loras
+            return p
 
         def do_test(info, *args):
             try:

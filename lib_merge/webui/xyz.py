@@ -7,6 +7,9 @@ live merge, or the original weights) back afterwards, also after an interrupted 
 """
 from __future__ import annotations
 
+import math
+import re
+from pathlib import PurePosixPath
 from typing import Any
 
 from .. import presets
@@ -111,6 +114,70 @@ def check_param_value(text: str) -> None:
         decl.parse_text(value, f"{owner}, {PARAM_AXIS} {item!r}")
 
 
+LORA_AXIS = PREFIX + "LoRA strength"
+_LORA_PAIR = re.compile(r"\s*([^:]+?)\s*:\s*(\S+)\s*")
+_NEEDS_LORAS = (f"{LORA_AXIS} needs LoRAs in the base recipe: select them in the tab's \"Bake into the test merge\" "
+                "part (or send lora to POST test) and run Test merge")
+
+
+def parse_lora_strengths(text: str) -> float | list[tuple[str, float]]:
+    """One cell's value: a number (every baked LoRA takes it) or ``NAME:STRENGTH`` pairs separated by spaces
+    (names may hold spaces; each pair ends at the space after its number)."""
+    t = str(text).strip()
+    where = f"{LORA_AXIS} {text!r}"
+    if not t:
+        raise MergeError(f"empty LoRA strength, {where}")
+    bad = MergeError(f"LoRA strength must be a number or NAME:STRENGTH pairs separated by spaces, {where}")
+    if ":" not in t:
+        try:
+            v = float(t)
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(v):
+            raise bad
+        return round(v, 6)
+    pairs, pos = [], 0
+    while pos < len(t):
+        m = _LORA_PAIR.match(t, pos)
+        if m is None:
+            raise bad
+        pairs.append((m.group(1), round(parse_number(m.group(2), where), 6)))
+        pos = m.end()
+    return pairs
+
+
+def _lora_index(name: str, items: list[dict], where: str) -> int:
+    """The baked LoRA ``name`` stands for: its name in the LoRA list, without ``.safetensors``, or its file's
+    stem (as ``<lora:stem:…>`` names it) when that names one LoRA only."""
+    names = [str(e.get("name", "")) for e in items]
+    for i, n in enumerate(names):
+        if name in (n, n.removesuffix(".safetensors")):
+            return i
+    stems = [i for i, n in enumerate(names) if PurePosixPath(n).stem == name]
+    if len(stems) == 1:
+        return stems[0]
+    baked = ", ".join(names)
+    if stems:
+        raise MergeError(f"LoRA {name!r} names {len(stems)} baked LoRAs ({baked}): give its name in the list, {where}")
+    raise MergeError(f"LoRA {name!r} is not baked in the base recipe (baked: {baked}), {where}")
+
+
+def lora_with_strengths(items: list[dict] | None, text: str) -> list[dict]:
+    """The base recipe's ``lora`` list with one cell's strengths on top: a number sets every LoRA's strength;
+    pairs set the named ones (the others keep the base's)."""
+    if not items:
+        raise MergeError(_NEEDS_LORAS)
+    value = parse_lora_strengths(text)
+    out = [dict(e) for e in items]
+    if isinstance(value, float):
+        for e in out:
+            e["strength"] = value
+        return out
+    for name, strength in value:
+        out[_lora_index(name, out, f"{LORA_AXIS} {text!r}")]["strength"] = strength
+    return out
+
+
 def _confirm(kind: str):
     def confirm(p, xs):
         for x in xs:
@@ -134,6 +201,8 @@ def _confirm(kind: str):
                 parse_adjust(x, f"{PREFIX}adjust")
             elif kind == "subtargets":
                 check_subtargets([x])
+            elif kind == "lora_strength":
+                lora_with_strengths((SERVICE.base_params or {}).get("lora"), x)
             elif kind == "elemental":
                 from ..elemental import parse_rules
                 parse_rules(x, ARCHS[_arch_name()])
@@ -175,6 +244,7 @@ def axis_options(xyz) -> list:
           prepare=_split_bar),
         A(PREFIX + "sub-target", str, _set("subtargets"), format_value=fmt, confirm=_confirm("subtargets"), cost=0.8,
           choices=lambda: list(SUBTARGETS)),
+        A(LORA_AXIS, str, _set("lora_strength"), format_value=fmt, confirm=_confirm("lora_strength"), cost=0.6),
     ]
 
 
@@ -212,6 +282,8 @@ def cell_params(base: dict | None, axes: dict[str, Any], arch_name: str) -> dict
         method = get_method(p.get("method") or "linear")
         p["params"] = {**(p.get("params") or {}),
                        **parse_method_params(axes["method_params"], method, p.get("mode") or "weighted_sum")}
+    if "lora_strength" in axes:
+        p["lora"] = lora_with_strengths(p.get("lora"), axes["lora_strength"])
     if "subtargets" in axes:
         p["subtargets"] = [] if axes["subtargets"] == "all" else [axes["subtargets"]]
     if "preset" in axes:
