@@ -1,15 +1,18 @@
 """Check BlockMerge's own LoRA tools in a running WebUI (the harness), over HTTP as a user would (issue 13).
 
-    python bench/webui_lora_tools_check.py --lora-dir <webui>/models/Lora [--url ...] [--a synthA] [--b synthB]
+    python bench/webui_lora_tools_check.py --models-dir <webui>/models/Stable-diffusion --lora-dir <webui>/models/Lora \
+        [--url ...] [--a synthA]
 
-1. ``POST /blockmerge/v1/lora/extract`` (B against A, rank 8) writes a LoRA into the LoRA folder that the WebUI
-   lists at once (``/sdapi/v1/loras``) and whose ``<lora:…>`` changes the image.
-2. ``POST /blockmerge/v1/lora/merge`` of that LoRA with itself at 0.5 + 0.5 (the same ΔW) renders close to it.
-3. Baking it into the live test merge (``lora`` in ``/blockmerge/v1/test``, A alone: weighted_sum at alpha 0)
-   renders close to the WebUI's own ``<lora:…>`` on A and far from plain A; a strength-only change re-merges
-   only the patched tensors; the WebUI's ``<lora:…>`` still works on top; Restore gives A back bit-exactly
-   (fingerprint) and the original image's bytes.
-Prints each step's seconds and pixel differences; exits 1 on any failure. Deletes the LoRA files it wrote.
+0. Builds TUNED = A + a rank-4 change of every UNet attention projection (``blockmerge_check_tuned``, next to A).
+1. ``POST /blockmerge/v1/lora/extract`` (TUNED against A, rank 8) writes a LoRA into the LoRA folder that the
+   WebUI lists at once (``/sdapi/v1/loras``); A + ``<lora:…:1>`` renders like TUNED (the issue: "the same image
+   within fp32 noise").
+2. ``python -m lib_merge lora bake A LORA`` writes a checkpoint that renders like A + ``<lora:…:1>``.
+3. ``POST /blockmerge/v1/lora/merge`` of the LoRA with itself at 0.5 + 0.5 (the same ΔW) renders like it.
+4. Baking it into the live test merge (``lora`` in ``/blockmerge/v1/test``, A alone: weighted_sum at alpha 0)
+   renders like A + ``<lora:…:1>``; a strength-only change re-merges only the patched tensors; the WebUI's
+   ``<lora:…>`` still works on top; Restore gives A back bit-exactly (fingerprint) and the original image.
+Prints each step's seconds and mean pixel differences (0-255); exits 1 on any failure. Deletes what it wrote.
 """
 from __future__ import annotations
 
@@ -17,14 +20,43 @@ import base64
 import hashlib
 import io
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from webui_check import call, common_parser, endpoints, ensure_loaded  # noqa: E402
 
 EXTRACT, MERGED = "blockmerge_check_extract", "blockmerge_check_merged"
+TUNED, BAKED = "blockmerge_check_tuned", "blockmerge_check_baked"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_tuned(a_file: Path, out: Path, rank: int = 4, seed: int = 7) -> int:
+    """A + a seeded rank-``rank`` change (std 0.5 × the weight's) of every UNet attention projection; returns
+    how many weights changed. Everything else is A's exact bytes."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, changed = {}, 0
+    with safe_open(str(a_file), "pt") as f:
+        meta = f.metadata()
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if (k.startswith("model.diffusion_model.") and t.dim() == 2 and ".attn" in k
+                    and k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))):
+                w = t.float()
+                up = torch.randn(w.shape[0], rank, generator=g)
+                down = torch.randn(rank, w.shape[1], generator=g)
+                d = up @ down
+                t = (w + d * (0.5 * float(w.std()) / float(d.std()))).to(t.dtype)
+                changed += 1
+            tensors[k] = t
+    save_file(tensors, str(out), metadata=meta)
+    return changed
 
 
 def pixels(png: bytes):
@@ -40,7 +72,8 @@ def mean_diff(a: bytes, b: bytes) -> float:
 
 def main() -> int:
     ap = common_parser(os.path.join(tempfile.gettempdir(), "blockmerge-webui-lora-tools-check"))
-    ap.add_argument("--lora-dir", required=True)
+    ap.add_argument("--models-dir", required=True, help="the WebUI's models/Stable-diffusion")
+    ap.add_argument("--lora-dir", required=True, help="the WebUI's models/Lora")
     ap.add_argument("--close", type=float, default=3.0, help="largest mean pixel difference counted as close")
     args = ap.parse_args()
     u, bm, out = endpoints(args)
@@ -63,22 +96,51 @@ def main() -> int:
         print(f"  txt2img {tag:<34} {s:5.1f} s  sha256 {hashlib.sha256(png).hexdigest()[:12]}")
         return png
 
+    models_dir, lora_dir = Path(args.models_dir), Path(args.lora_dir)
     ensure_loaded(u, args.a)
-    lora_dir = Path(args.lora_dir)
+    code, models, _ = call(u + "/sdapi/v1/sd-models")
+    a_file = Path(next(m["filename"] for m in models if m["model_name"] == args.a))
+    tuned_file, baked_file = models_dir / f"{TUNED}.safetensors", models_dir / f"{BAKED}.safetensors"
+    print(f"TUNED: {make_tuned(a_file, tuned_file)} attention weights changed (rank 4)")
+    call(u + "/sdapi/v1/refresh-checkpoints", "POST", {})
+
+    def load(name: str) -> None:
+        code, r, s = call(u + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": name})
+        check(code == 200, f"load {name}: HTTP {code} in {s:.1f} s")
+
+    load(TUNED)
+    tuned = render("TUNED")
+    load(args.a)
     fp0 = call(bm + "/fingerprint")[1]["fingerprint"]
     plain = render("A")
+    check(tuned != plain, f"TUNED renders differently from A (mean diff {mean_diff(tuned, plain):.2f})")
 
     # 1. extract into the LoRA folder
-    code, r, s = call(bm + "/lora/extract", "POST", {"tuned": args.b, "base": args.a, "output": EXTRACT, "rank": 8,
+    code, r, s = call(bm + "/lora/extract", "POST", {"tuned": TUNED, "base": args.a, "output": EXTRACT, "rank": 8,
                                                     "overwrite": True})
     check(code == 200, f"lora/extract: HTTP {code} in {s:.1f} s {'' if code == 200 else r}")
     check((lora_dir / f"{EXTRACT}.safetensors").is_file(), "the extracted LoRA is in the LoRA folder")
     code, loras, _ = call(u + "/sdapi/v1/loras")
     check(code == 200 and any(x.get("name") == EXTRACT for x in loras), "the WebUI lists it without a restart")
     with_lora = render("A + <lora:extract>", f" <lora:{EXTRACT}:1>")
-    check(with_lora != plain, f"<lora:{EXTRACT}> changes the image (mean diff {mean_diff(with_lora, plain):.2f})")
+    d = mean_diff(with_lora, tuned)
+    check(d <= args.close and d < mean_diff(plain, tuned),
+          f"A + <lora:{EXTRACT}:1> renders like TUNED (mean diff {d:.2f}; A vs TUNED {mean_diff(plain, tuned):.2f})")
 
-    # 2. merge it with itself: the same ΔW
+    # 2. bake into a checkpoint with the CLI
+    r = subprocess.run([sys.executable, "-m", "lib_merge", "lora", "bake", str(a_file),
+                        str(lora_dir / f"{EXTRACT}.safetensors"), "-o", str(baked_file), "--overwrite"],
+                       cwd=ROOT, capture_output=True, text=True)
+    check(r.returncode == 0, f"lora bake: exit {r.returncode} {r.stderr.strip()[-300:]}")
+    call(u + "/sdapi/v1/refresh-checkpoints", "POST", {})
+    load(BAKED)
+    baked_file_img = render("baked checkpoint")
+    d = mean_diff(baked_file_img, with_lora)
+    check(d <= args.close, f"the baked checkpoint renders like A + <lora:…:1> (mean diff {d:.2f})")
+    load(args.a)
+    check(call(bm + "/fingerprint")[1]["fingerprint"] == fp0, "A loaded again: the same fingerprint")
+
+    # 3. merge it with itself: the same ΔW
     code, r, s = call(bm + "/lora/merge", "POST", {"loras": [{"name": EXTRACT, "ratio": 0.5},
                                                             {"name": EXTRACT, "ratio": 0.5}],
                                                   "output": MERGED, "overwrite": True})
@@ -87,8 +149,8 @@ def main() -> int:
     d = mean_diff(merged, with_lora)
     check(d <= args.close, f"0.5 + 0.5 of one LoRA renders like it (mean diff {d:.2f})")
 
-    # 3. bake into the live test merge
-    body = {"model_b": args.b, "alpha": 0.0, "lora": [{"name": EXTRACT, "strength": 1.0}]}
+    # 4. bake into the live test merge
+    body = {"model_b": TUNED, "alpha": 0.0, "lora": [{"name": EXTRACT, "strength": 1.0}]}
     code, r, s = call(bm + "/test", "POST", body)
     check(code == 200, f"test merge with the LoRA baked in: HTTP {code} in {s:.1f} s, "
           f"{r.get('written') if code == 200 else r}")
@@ -115,7 +177,10 @@ def main() -> int:
 
     for name in (EXTRACT, MERGED):
         (lora_dir / f"{name}.safetensors").unlink(missing_ok=True)
+    for f in (tuned_file, baked_file):
+        f.unlink(missing_ok=True)
     call(u + "/sdapi/v1/refresh-loras", "POST", {})
+    call(u + "/sdapi/v1/refresh-checkpoints", "POST", {})
     print("ALL OK" if not failures else f"FAILED: {len(failures)}")
     return 0 if not failures else 1
 

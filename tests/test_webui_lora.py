@@ -108,6 +108,10 @@ def test_extract_validation_names_the_field(client, lora_env):
         ({"tuned": "synthB", "base": "synthA", "output": "x", "rank": 2, "text_encoder": "yes"},
          "text_encoder must be true or false, text_encoder: 'yes'"),
         ({"tuned": "synthB", "base": "synthA", "rank": 2}, "an output name is required, output"),
+        ({"tuned": "synthB", "base": "synthA", "output": "x", "rank": 2, "device": "tpu9"},
+         "unknown device 'tpu9' (cpu, cuda, cuda:N, mps or xpu), device"),
+        ({"tuned": "synthB", "base": "synthA", "output": "x", "rank": 2, "device": 0},
+         "device must be a device name like cpu or cuda, device: 0"),
     ]
     for body, detail in cases:
         r = client.post("/blockmerge/v1/lora/extract", json=body)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import MergeError
+from ..io.filesink import check_device
 from ..lora.extract import OUT_DTYPES, extract_lora
 from ..lora.merge import MergeInput, merge_loras
 from . import host
@@ -27,7 +28,8 @@ from .names import output_path
 from .params import flag
 from .service import Conflict
 
-EXTRACT_FIELDS = ("tuned", "base", "output", "rank", "energy", "conv_rank", "text_encoder", "dtype", "overwrite")
+EXTRACT_FIELDS = ("tuned", "base", "output", "rank", "energy", "conv_rank", "text_encoder", "dtype", "overwrite",
+                  "device")
 MERGE_FIELDS = ("loras", "output", "rank", "dtype", "overwrite")
 LORA_ITEM_FIELDS = ("name", "ratio")
 LORA_SUFFIX = ".safetensors"
@@ -157,12 +159,19 @@ def extract(body: dict, progress: Progress | None = None) -> dict:
             raise MergeError(f"energy must be in (0, 1], energy: {energy!r}")
     text_encoder = flag(body, "text_encoder")
     dtype = out_dtype(body)
+    device = body.get("device", "cpu")
+    if not isinstance(device, str):
+        raise MergeError(f"device must be a device name like cpu or cuda, device: {device!r}")
+    try:
+        check_device(device)  # the SVD's device (the issue: "on the device the user chose")
+    except MergeError as e:
+        raise MergeError(str(e).replace("--device", "device")) from None
     overwrite = flag(body, "overwrite")
     out = output_in_lora_dir(body.get("output"), overwrite)
     if progress:
         progress("extracting LoRA")
     res = extract_lora(tuned.filename, base.filename, out, rank=rank, energy=energy, conv_rank=conv_rank,
-                       text_encoder=text_encoder, dtype=dtype, overwrite=overwrite)
+                       text_encoder=text_encoder, dtype=dtype, device=device, overwrite=overwrite)
     listed = host.refresh_loras()
     return {"output": out.name, "path": str(out), "sha256": res.sha256, "arch": res.arch,
             "tuned": tuned.name, "base": base.name, "rank": rank, "energy": energy, "conv_rank": conv_rank,
