@@ -11,7 +11,8 @@
 3. ``POST /blockmerge/v1/lora/merge`` of the LoRA with itself at 0.5 + 0.5 (the same ΔW) renders like it.
 4. Baking it into the live test merge (``lora`` in ``/blockmerge/v1/test``, A alone: weighted_sum at alpha 0)
    renders like A + ``<lora:…:1>``; a strength-only change re-merges only the patched tensors; the WebUI's
-   ``<lora:…>`` still works on top; Restore gives A back bit-exactly (fingerprint) and the original image.
+   ``<lora:…>`` still works on top; an X/Y/Z grid over ``BlockMerge: LoRA strength`` gives distinct cells and
+   leaves the live merge as it was; Restore gives A back bit-exactly (fingerprint) and the original image.
 Prints each step's seconds and mean pixel differences (0-255); exits 1 on any failure. Deletes what it wrote.
 """
 from __future__ import annotations
@@ -68,6 +69,30 @@ def pixels(png: bytes):
 def mean_diff(a: bytes, b: bytes) -> float:
     """Mean absolute pixel difference, 0-255."""
     return float(abs(pixels(a) - pixels(b)).mean())
+
+
+def xyz_lora_strength(u: str, bm: str, out: Path, check) -> None:
+    """An X/Y/Z grid over ``BlockMerge: LoRA strength`` (0, 0.5, 1) on the live merge: 3 distinct cells, and the
+    live weights after the grid are the ones before it (fingerprint)."""
+    code, info, _ = call(u + "/sdapi/v1/script-info")
+    xyz = next(x for x in info if x["name"] == "x/y/z plot" and not x["is_img2img"])
+    labels = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
+    if not check("BlockMerge: LoRA strength" in labels, "the X/Y/Z axis BlockMerge: LoRA strength is registered"):
+        return
+    fp = call(bm + "/fingerprint")[1]["fingerprint"]
+    args = [labels.index("BlockMerge: LoRA strength"), "0,0.5,1", [], 0, "", [], 0, "", [],
+            True, True, False, False, False, False, False, 0, False]
+    code, r, s = call(u + "/sdapi/v1/txt2img", "POST", {
+        "prompt": "a cat", "seed": 1, "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
+        "script_name": "x/y/z plot", "script_args": args})
+    if not check(code == 200, f"LoRA strength grid: HTTP {code} in {s:.1f} s {'' if code == 200 else r}"):
+        return
+    cells = [base64.b64decode(i) for i in r["images"]][1:]
+    for i, png in enumerate(cells):
+        (out / f"xyz_lora_strength_{i}.png").write_bytes(png)
+    check(len(cells) == 3 and len({hashlib.sha256(c).hexdigest() for c in cells}) == 3,
+          f"LoRA strength grid: {len(cells)} cells, {len({hashlib.sha256(c).hexdigest() for c in cells})} distinct")
+    check(call(bm + "/fingerprint")[1]["fingerprint"] == fp, "after the grid, the live weights are as before")
 
 
 def main() -> int:
@@ -170,6 +195,7 @@ def main() -> int:
           f"(the patched ones: {patched})")
     half = render("A baked live at 0.5")
     check(half != baked, "strength 0.5 renders differently")
+    xyz_lora_strength(u, bm, out, check)
     code, r, s = call(bm + "/restore", "POST", {})
     check(code == 200, f"restore: HTTP {code} in {s:.1f} s")
     check(call(bm + "/fingerprint")[1]["fingerprint"] == fp0, "fingerprint after restore equals the original")
