@@ -124,15 +124,20 @@ def _lora_list(value: list[str] | None = None) -> dict:
 
 
 # -- layout and wiring -------------------------------------------------------------------------------------------
+def lora_picker(label: str, prefix: str) -> tuple[Any, Any]:
+    """A row with a multiselect of the LoRA folder's files (``{prefix}_loras``) and its 🔄 (``{prefix}_refresh``)."""
+    with gr.Row():
+        loras = gr.Dropdown(label=label, choices=lora_names(), multiselect=True, elem_id=f"{prefix}_loras")
+        refresh = gr.Button(value="\U0001f504", elem_id=f"{prefix}_refresh", elem_classes=["tool"])
+    return loras, refresh
+
+
 def bake_part() -> dict[str, Any]:
     gr.Markdown("**Bake into the test merge**: the selected LoRAs are added to the merged weights by Test merge, "
                 "Save and Merge to file (W + strength · ΔW, per-LoRA block weights); a strength change re-merges "
                 "only the weights they patch. `<lora:…>` in the prompt still works on top",
                 elem_id="blockmerge_bake_title")
-    with gr.Row():
-        loras = gr.Dropdown(label="LoRAs to bake (LoRA folder)", choices=lora_names(), multiselect=True,
-                            elem_id="blockmerge_bake_loras")
-        refresh = gr.Button(value="\U0001f504", elem_id="blockmerge_bake_refresh", elem_classes=["tool"])
+    loras, refresh = lora_picker("LoRAs to bake (LoRA folder)", "blockmerge_bake")
     with gr.Row():
         strengths = gr.Textbox(label="Strengths, one per selected LoRA (empty: 1 each)", placeholder="0.8,0.5",
                                elem_id="blockmerge_bake_strengths")
@@ -175,10 +180,7 @@ def merge_part() -> dict[str, Any]:
     gr.Markdown("**Merge LoRAs** into one: rank none = the exact sum of the ratio-weighted ΔW (ranks add up); "
                 "a rank = that sum re-compressed by SVD (auto: the largest input rank)",
                 elem_id="blockmerge_lora_merge_title")
-    with gr.Row():
-        loras = gr.Dropdown(label="LoRAs (LoRA folder)", choices=lora_names(), multiselect=True,
-                            elem_id="blockmerge_lora_loras")
-        refresh = gr.Button(value="\U0001f504", elem_id="blockmerge_lora_refresh", elem_classes=["tool"])
+    loras, refresh = lora_picker("LoRAs (LoRA folder)", "blockmerge_lora")
     with gr.Row():
         ratios = gr.Textbox(label="Ratios, one per selected LoRA (empty: 1 each)", placeholder="0.5,0.5",
                             elem_id="blockmerge_lora_ratios")
