@@ -394,8 +394,11 @@ class FileSink:
             try:
                 if self.plan.formula.mode.streams:  # reads its inputs in their own dtype and never writes them
                     ins = [self._whole_input(s, kp, scratch, i) for i, s in enumerate(srcs)]
-                else:  # each input in fp32 as soon as it is read: its file-dtype copy is freed before the next
-                    ins = [s.read(kp.key).to(device=self.device, dtype=torch.float32) for s in srcs]
+                else:  # an fp32 copy of each input, which the formula may overwrite (from the mapped file view)
+                    views = [self._whole_input(s, kp, scratch, i) for i, s in enumerate(srcs)]
+                    ins = [v.to(device=self.device, dtype=torch.float32, copy=True) for v in views]
+                    self._release_inputs(srcs, views)
+                    del views
                 res = merge_tensors(self.plan.formula, kp, ins, device=self.device, owned=True)
                 if self.plan.formula.mode.streams:
                     self._release_inputs(srcs, ins)

@@ -66,9 +66,10 @@ def plan_lora(entries: Sequence[LoraEntry], shapes: Mapping[str, Sequence[int]],
 
 
 def add_lora(patches: Iterable[LoraPatch], value: Tensor) -> Tensor:
-    """``value`` (a key's whole fp32 result) + Σ strength · ΔW, in fp32: ``lora bake``'s numbers."""
+    """``value`` (a key's whole fp32 result, owned by the caller: added to in place) + Σ strength · ΔW, in fp32:
+    ``lora bake``'s numbers."""
     todo = [p.patch for p in patches]
-    return _bake().patched(value, todo) if todo else value
+    return _bake().patched(value, todo, inplace=True) if todo else value
 
 
 def counts(patches: Mapping[str, tuple[LoraPatch, ...]]) -> tuple[int, int]:

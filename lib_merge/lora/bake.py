@@ -124,24 +124,30 @@ def _contribution(mod: Module, strength: float):
     return (lambda acc, a, b: acc.add_(full[a:b])), full.shape[0]
 
 
-def patched(w: torch.Tensor, todo: list[Patch]) -> torch.Tensor:
+def patched(w: torch.Tensor, todo: list[Patch], inplace: bool = False) -> torch.Tensor:
     """W + Σ strength · ΔW in W's dtype, computed in fp32 one block of rows at a time; each ΔW lands in the rows
-    from its first row on (0, or a q/k/v third of a joined in_proj)."""
+    from its first row on (0, or a q/k/v third of a joined in_proj). ``inplace``: W is an fp32 tensor the caller
+    owns, added to where it is (the same numbers, without a copy of W)."""
     mat = w.reshape(w.shape[0], -1)
     rows, cols = mat.shape
     parts = [(first, *_contribution(mod, strength)) for mod, strength, first in todo]
-    out = torch.empty_like(mat)
+    inplace = inplace and w.dtype == torch.float32 and w.is_contiguous()
+    out = mat if inplace else torch.empty_like(mat)
     step = max(1, CHUNK_ELEMS // max(cols, 1))
-    buf = torch.empty(min(step, rows), cols, dtype=torch.float32)
+    buf = None if inplace else torch.empty(min(step, rows), cols, dtype=torch.float32)
     for i in range(0, rows, step):
         j = min(rows, i + step)
-        acc = buf[:j - i]
-        acc.copy_(mat[i:j])
+        if inplace:
+            acc = mat[i:j]
+        else:
+            acc = buf[:j - i]
+            acc.copy_(mat[i:j])
         for first, add, count in parts:
             lo, hi = max(i, first), min(j, first + count)
             if lo < hi:
                 add(acc[lo - i:hi - i], lo - first, hi - first)
-        out[i:j].copy_(acc)
+        if not inplace:
+            out[i:j].copy_(acc)
     return out.reshape(w.shape)
 
 
