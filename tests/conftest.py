@@ -79,3 +79,15 @@ def webui_stub(tmp_path, models, monkeypatch):
     sd_models.list_models()
     yield sd_models
     script_callbacks.clear_callbacks()
+
+
+def install_xyz_stub(monkeypatch):
+    """The stand-in's X/Y/Z script, loaded as the WebUI loads it (before extension scripts); returns its module."""
+    import importlib.util
+    from modules import scripts
+    spec = importlib.util.spec_from_file_location("xyz_grid.py", STUB / "extra" / "xyz_grid.py")
+    xyz_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(xyz_mod)
+    xyz_mod.Script.__module__ = "xyz_grid.py"
+    monkeypatch.setattr(scripts, "scripts_data", [scripts.ScriptClassData(xyz_mod.Script, "", "", xyz_mod)])
+    return xyz_mod

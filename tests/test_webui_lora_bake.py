@@ -20,6 +20,8 @@ from lib_merge.merge import merge_to_file
 from lib_merge.recipe import LoraEntry, Recipe
 from test_merge_lora import LIN, LORA_KEYS, OUT_V, delta, make_lora
 
+from conftest import install_xyz_stub  # noqa: E402
+
 STUB = Path(__file__).resolve().parent / "webui_stub"
 ROOT = Path(__file__).resolve().parent.parent
 OUT17 = [1.0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # BASE, M00 and OUT03-OUT11 (17-value layout)
@@ -31,7 +33,7 @@ def env(webui_stub, tmp_path, monkeypatch):
     Lora extension's ``networks``, the X/Y/Z script with our axes, one fresh Service everywhere, an API client."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
-    from modules import processing, script_callbacks, scripts, sd_models, shared
+    from modules import processing, script_callbacks, sd_models, shared
     lora_dir = tmp_path / "models" / "Lora"
     (lora_dir / "sub").mkdir(parents=True)
     monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(lora_dir), raising=False)
@@ -41,11 +43,7 @@ def env(webui_stub, tmp_path, monkeypatch):
     networks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(networks)
     monkeypatch.setitem(sys.modules, "networks", networks)
-    spec = importlib.util.spec_from_file_location("xyz_grid.py", STUB / "extra" / "xyz_grid.py")
-    xyz_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(xyz_mod)
-    xyz_mod.Script.__module__ = "xyz_grid.py"
-    monkeypatch.setattr(scripts, "scripts_data", [scripts.ScriptClassData(xyz_mod.Script, "", "", xyz_mod)])
+    xyz_mod = install_xyz_stub(monkeypatch)
     from lib_merge.webui import api, callbacks, lora_ui, service as service_mod, ui, xyz
     svc = service_mod.Service()
     for mod in (service_mod, api, callbacks, xyz, ui, lora_ui):

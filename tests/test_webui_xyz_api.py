@@ -7,19 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import install_xyz_stub  # noqa: E402
+
 STUB = Path(__file__).resolve().parent / "webui_stub"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def webui(webui_stub, monkeypatch):
-    from modules import sd_models, shared, script_callbacks, scripts, processing
+    from modules import sd_models, shared, script_callbacks, processing
     # the X/Y/Z script is loaded before extension scripts
-    spec = importlib.util.spec_from_file_location("xyz_grid.py", STUB / "extra" / "xyz_grid.py")
-    xyz_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(xyz_mod)
-    xyz_mod.Script.__module__ = "xyz_grid.py"
-    monkeypatch.setattr(scripts, "scripts_data", [scripts.ScriptClassData(xyz_mod.Script, "", "", xyz_mod)])
+    xyz_mod = install_xyz_stub(monkeypatch)
     from lib_merge.webui import api, callbacks, service as service_mod, xyz  # noqa: F401
     svc = service_mod.Service()
     for mod in (service_mod, api, callbacks, xyz):
