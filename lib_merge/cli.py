@@ -97,7 +97,8 @@ def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
                                    "geometric_median take A B and any more (A the base), model_stock A B C and "
                                    "any more.",
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="*", metavar="MODEL", help="A [B [C …]] (.safetensors, or .ckpt/.pt through a safe loader)")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="A [B [C …]] (.safetensors, or .ckpt/.pt through a safe loader); @FILE.yaml: a recipe "
+                   "file whose result stands in for that model (a merge chain, no intermediate file)")
     p.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
     p.add_argument("--mode", choices=list(MODES), default=None, help=MERGE_HELP["mode"])
     p.add_argument("--method", choices=list(METHODS), default=None, help=MERGE_HELP["method"])
@@ -258,7 +259,7 @@ def merge_recipe(args):
     from .adjust import parse_adjust
     from .recipe import Recipe, load_recipe_file, with_overrides
     base = load_recipe_file(args.recipe) if args.recipe else Recipe()
-    changes = {"models": list(args.models)} if args.models else {}
+    changes = {"models": [load_recipe_file(m[1:]) if m.startswith("@") else m for m in args.models]} if args.models else {}
     for f in fields(Recipe):
         v = getattr(args, f.name, None) if f.name != "models" else None
         if isinstance(v, str) and not v.strip():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .recipe import Recipe
-from .roles import ROLE_LETTERS, is_lora_role
+from .roles import is_model_role, lora_role, role
 
 
 # The WebUI's own spellings of the modes its built-in merger has (modules/extras.py interp_method).
@@ -47,12 +47,16 @@ def _parse(text: str | None):
 
 
 def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, resolved: dict,
-                   is_inpainting: bool, is_pix2pix: bool, save_as_half: bool) -> dict[str, str]:
+                   is_inpainting: bool, is_pix2pix: bool, save_as_half: bool,
+                   nested_resolved: dict[str, dict] | None = None) -> dict[str, str]:
     """All values are strings (safetensors requires it). Deterministic: no timestamps. ``save_as_half``: every
-    written float tensor is fp16 (what the WebUI's flag means, whatever the dtype option said)."""
-    models = [i for i in inputs if i.role in ROLE_LETTERS]  # not the VAE, not the LoRAs
-    hashes = [m.sha256 for m in models] + [None] * (3 - len(models))
-    vae = next((i for i in inputs if i.role == "vae"), None)
+    written float tensor is fp16 (what the WebUI's flag means, whatever the dtype option said). A chain's nested
+    recipes are recorded in place of their model (``{"recipe": {…}}``, with their own ``resolved`` numbers from
+    ``nested_resolved``, keyed by role prefix); ``inputs`` holds every file of the tree by role path."""
+    by_role = {i.role: i for i in inputs}
+    top = [by_role.get(role(i)) for i in range(len(recipe.models))]
+    hashes = [m.sha256 if m else None for m in top] + [None] * (3 - len(top))
+    vae = by_role.get("vae")
     sd_recipe = {
         "type": "blockmerge",
         "primary_model_hash": hashes[0],
@@ -68,6 +72,7 @@ def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, re
         "is_inpainting": is_inpainting,
         "is_instruct_pix2pix": is_pix2pix,
     }
+    models = [i for i in inputs if is_model_role(i.role)]  # every model file of the tree: not VAEs, not LoRAs
     lineage: dict = {}
     for m in models:
         parent = _parse(m.metadata.get("sd_merge_models"))
@@ -76,13 +81,7 @@ def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, re
     for m in models:
         lineage[m.sha256] = {"name": m.name, "legacy_hash": m.legacy_hash,
                              "sd_merge_recipe": _parse(m.metadata.get("sd_merge_recipe"))}
-    ours = recipe.to_dict()
-    ours["alpha"], ours["beta"] = float(recipe.alpha), float(recipe.beta)  # the API's 1 is the CLI's 1.0
-    ours["models"] = [m.name for m in models]
-    ours["bake_vae"] = vae.name if vae else None
-    if "lora" in ours:  # each LoRA by file name; its sha256 is in inputs (role lora1, lora2, …)
-        names = [i.name for i in inputs if is_lora_role(i.role)]
-        ours["lora"] = [{**e, "path": name} for e, name in zip(ours["lora"], names)]
+    ours = _recorded(recipe, by_role, "", nested_resolved or {})
     ours["inputs"] = [{"role": i.role, "name": i.name, "sha256": i.sha256} for i in inputs]
     ours["resolved"] = resolved
     return {
@@ -91,6 +90,28 @@ def build_metadata(recipe: Recipe, inputs: list[InputFile], output_name: str, re
         "sd_merge_models": _json(lineage),
         "blockmerge_recipe": _json(ours),
     }
+
+
+def _recorded(recipe: Recipe, by_role: dict[str, InputFile], prefix: str, nested: dict[str, dict]) -> dict:
+    """The recipe's JSON form with every file named by its bare name (its sha256 is in ``inputs``)."""
+    ours = recipe.to_dict()
+    ours["alpha"], ours["beta"] = float(recipe.alpha), float(recipe.beta)  # the API's 1 is the CLI's 1.0
+    models = []
+    for i, m in enumerate(recipe.models):
+        r = prefix + role(i)
+        if isinstance(m, Recipe):
+            inner = _recorded(m, by_role, r + ".", nested)
+            del inner["version"]  # one version, at the top
+            inner["resolved"] = nested.get(r + ".", {})
+            models.append({"recipe": inner})
+        else:
+            models.append(by_role[r].name)
+    ours["models"] = models
+    vae = by_role.get(prefix + "vae")
+    ours["bake_vae"] = vae.name if vae else None
+    if "lora" in ours:  # each LoRA by file name; its sha256 is in inputs (role lora1, lora2, …)
+        ours["lora"] = [{**e, "path": by_role[prefix + lora_role(i)].name} for i, e in enumerate(ours["lora"])]
+    return ours
 
 
 def output_stem(path: str | Path) -> str:

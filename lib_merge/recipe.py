@@ -20,7 +20,7 @@ from .errors import MergeError
 from .lora.blocks import PRESETS as LORA_BLOCK_PRESETS, parse_blocks
 from .weights import split_values
 from .methods import bind, get_method, get_mode
-from .roles import MAX_MODELS
+from .roles import MAX_MODELS, label, role
 from .options import DTYPE_CHOICES, ONE_OF, VAE_CHOICES, check_choice, check_exclusive
 
 RECIPE_VERSION = 2  # 2: method and params; version 1 (neither) still loads, as method linear
@@ -47,9 +47,14 @@ class LoraEntry:
         return self.blocks
 
 
+MAX_CHAIN_DEPTH = 16  # recipes nested in recipes (merge chains); deeper is refused, not a recursion error
+
+
 @dataclass
 class Recipe:
-    models: list[str] = field(default_factory=list)  # paths of A, B, C, … (as many as the mode takes)
+    # A, B, C, … (as many as the mode takes): each a file path, or a Recipe whose result stands in for that
+    # model (a merge chain, computed key by key in the same pass: lib_merge.chain)
+    models: list[str | Recipe] = field(default_factory=list)
     mode: str = "weighted_sum"
     alpha: float = 0.5
     beta: float = 0.25
@@ -107,11 +112,34 @@ class Recipe:
         check_seed(self.seed)
         parse_adjust(self.adjust, "adjust")
         parse_lora(self.lora, "recipe")
+        for i, m in enumerate(self.models):
+            if isinstance(m, Recipe):
+                try:
+                    m.validate()
+                except MergeError as e:
+                    raise MergeError(f"in the recipe of model {label(i)}: {e}") from None
 
+    def leaves(self, prefix: str = "") -> list[tuple[str, str]]:
+        """Every model file of the tree as (role path, path): ``a``, ``b``, and ``a.a``, ``a.b`` … inside a
+        nested recipe at A (depth first, A first)."""
+        out: list[tuple[str, str]] = []
+        for i, m in enumerate(self.models):
+            r = prefix + role(i)
+            out += m.leaves(r + ".") if isinstance(m, Recipe) else [(r, m)]
+        return out
+
+    def is_chain(self) -> bool:
+        return any(isinstance(m, Recipe) for m in self.models)
+
+    def map_tree(self, fn: "Callable[[Recipe], Recipe]") -> "Recipe":
+        """``fn`` applied to this recipe and, first, to every nested one (bottom up)."""
+        models = [m.map_tree(fn) if isinstance(m, Recipe) else m for m in self.models]
+        return fn(replace(self, models=models))
     def to_dict(self) -> dict[str, Any]:
         """The JSON form. Random-ratio fields left unset are left out, so recipes (and the metadata of files)
         without random ratios read exactly as before they existed."""
         d = asdict(self)
+        d["models"] = [{"recipe": m.to_dict()} if isinstance(m, Recipe) else m for m in self.models]
         d["adjust"] = parse_adjust(d["adjust"], "recipe")  # the normal form: 8 floats, or None (left out)
         for name in OMITTED_WHEN_UNSET:
             if d[name] is None:
@@ -124,8 +152,9 @@ class Recipe:
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe") -> "Recipe":
-        """Parse every field by its type; ``origin`` (a file, "metadata", …) ends each error message."""
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "recipe", depth: int = 0) -> "Recipe":
+        """Parse every field by its type; ``origin`` (a file, "metadata", …) ends each error message. ``depth``:
+        how deep this recipe is nested in a chain."""
         if not isinstance(data, Mapping):
             raise MergeError(f"recipe must be an object (a mapping of field names), got {_kind(data)}, {origin}")
         version = data.get("version", RECIPE_VERSION)
@@ -135,7 +164,8 @@ class Recipe:
         unknown = [k for k in data if k not in known and k not in ("version", "resolved", "inputs")]
         if unknown:
             raise MergeError(f"unknown recipe field {unknown[0]!r}, {origin}")
-        kw = {k: _parser(f)(k, v, origin) for k, v in data.items() if (f := known.get(k)) is not None}
+        kw = {k: _models(k, v, origin, depth) if k == "models" else _parser(f)(k, v, origin)
+              for k, v in data.items() if (f := known.get(k)) is not None}
         return cls(**kw)
 
 
@@ -326,10 +356,27 @@ def _path(key: str, v: Any, origin: str) -> str:
     return v
 
 
-def _paths(key: str, v: Any, origin: str) -> list[str]:
+def _models(key: str, v: Any, origin: str, depth: int = 0) -> list["str | Recipe"]:
+    """``models``: file paths, or ``{"recipe": {…}}`` objects (a nested recipe: a merge chain step)."""
     if not isinstance(v, (list, tuple)):
         raise MergeError(f"{key} must be a list of file paths (got {_got(v)}), {origin}")
-    return [_path(f"{key}[{i}]", m, origin) for i, m in enumerate(v)]
+    return [_model(f"{key}[{i}]", m, origin, depth) for i, m in enumerate(v)]
+
+
+def _model(key: str, v: Any, origin: str, depth: int) -> "str | Recipe":
+    if isinstance(v, Recipe):
+        v = {"recipe": v}
+    if not (isinstance(v, Mapping) and "recipe" in v):
+        return _path(key, v, origin)
+    extra = [k for k in v if k != "recipe"]
+    if extra:
+        raise MergeError(f"{key} has an unknown field {extra[0]!r} beside 'recipe', {origin}")
+    if depth + 1 > MAX_CHAIN_DEPTH:
+        raise MergeError(f"recipes are nested more than {MAX_CHAIN_DEPTH} deep, {key}, {origin}")
+    inner = v["recipe"]
+    if isinstance(inner, Recipe):
+        inner = {f.name: getattr(inner, f.name) for f in fields(Recipe)}
+    return Recipe.from_dict(inner, f"{key}.recipe, {origin}", depth + 1)
 
 
 def check_path_text(path: str, which: str) -> None:
@@ -343,7 +390,6 @@ def check_path_text(path: str, which: str) -> None:
 
 
 _BY_FIELD: dict[str, Callable[[str, Any, str], Any]] = {
-    "models": _paths,
     "bake_vae": _optional(_path),
     "weights": _joined(",", _is_weight, "numbers or R/U/X"),
     "weights_beta": _joined(",", _is_weight, "numbers or R/U/X"),
@@ -409,10 +455,16 @@ def _against(folder: Path, path: str) -> str:
     return path if os.path.isabs(path) else str(folder / path)
 
 
-def load_recipe_file(path: str | Path) -> Recipe:
+def load_recipe_file(path: str | Path, _including: tuple[str, ...] = ()) -> Recipe:
     """Read a JSON or YAML recipe. Relative model paths are relative to the recipe file's folder (where the
-    recipe's author put them), not to the folder the command runs in."""
+    recipe's author put them), not to the folder the command runs in. A model may be a nested recipe, inline
+    (``{"recipe": {…}}``) or another recipe file (``{"recipe": "step1.yaml"}``, relative to this file)."""
     p = Path(path)
+    real = os.path.realpath(p)
+    if real in _including:
+        raise MergeError(f"recipe includes itself (a cycle of recipe files), {p}")
+    if len(_including) >= MAX_CHAIN_DEPTH:
+        raise MergeError(f"recipes are nested more than {MAX_CHAIN_DEPTH} deep, {p}")
     try:
         with open(p, "rb") as fh:
             raw = fh.read(MAX_RECIPE_FILE_BYTES + 1)
@@ -424,7 +476,23 @@ def load_recipe_file(path: str | Path) -> Recipe:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise MergeError(f"recipe is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}), {p}") from None
-    r = Recipe.from_dict(_parse_text(text, p), str(p))
-    return replace(r, models=[_against(p.parent, m) for m in r.models],
-                   bake_vae=_against(p.parent, r.bake_vae) if r.bake_vae else None,
-                   lora=[replace(e, path=_against(p.parent, e.path)) for e in r.lora])
+    data = _parse_text(text, p)
+    if isinstance(data, Mapping) and isinstance(data.get("models"), list):
+        data = {**data, "models": [_included(m, p, (*_including, real)) for m in data["models"]]}
+    r = Recipe.from_dict(data, str(p), len(_including))
+    return r.map_tree(lambda x: replace(
+        x, models=[m if isinstance(m, Recipe) else _against(p.parent, m) for m in x.models],
+        bake_vae=_against(p.parent, x.bake_vae) if x.bake_vae else None,
+        lora=[replace(e, path=_against(p.parent, e.path)) for e in x.lora]))
+
+
+def _included(m: Any, p: Path, including: tuple[str, ...]) -> Any:
+    """A ``{"recipe": "FILE"}`` model entry of recipe file ``p``, read (relative to ``p``'s folder)."""
+    if not (isinstance(m, Mapping) and "recipe" in m and len(m) == 1):
+        return m
+    inner = m["recipe"]
+    if isinstance(inner, str):
+        return load_recipe_file(_against(p.parent, inner), including)
+    if isinstance(inner, Mapping) and isinstance(inner.get("models"), list):
+        return {"recipe": {**inner, "models": [_included(x, p, including) for x in inner["models"]]}}
+    return m

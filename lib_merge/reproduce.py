@@ -16,14 +16,13 @@ from typing import Callable
 
 from . import hashing
 from .errors import MergeError
-from .merge import merge_to_file
+from .merge import merge_to_file, recipe_files
 from .metadata import file_name, output_stem
 from .recipe import RECIPE_VERSION, Recipe
-from .roles import ROLE_LETTERS, is_lora_role, lora_role
+from .roles import describe_role, is_role_path
 from .io.sources import open_source
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-ROLES = (*ROLE_LETTERS, "vae")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 Progress = Callable[[str, int, int], None]
@@ -42,9 +41,7 @@ class Wanted:
 
     @property
     def label(self) -> str:
-        if is_lora_role(self.role):
-            return f"LoRA {self.role[4:]}"
-        return "VAE" if self.role == "vae" else self.role.upper()
+        return describe_role(self.role)
 
 
 def _short(value) -> str:
@@ -72,7 +69,7 @@ def _recorded_inputs(data: dict, src: Path) -> dict[str, dict]:
         raise MergeError(f"blockmerge_recipe inputs is not a list: {_short(inputs)}, {src}")
     out: dict[str, dict] = {}
     for entry in inputs:
-        ok = (isinstance(entry, dict) and (entry.get("role") in ROLES or is_lora_role(str(entry.get("role"))))
+        ok = (isinstance(entry, dict) and is_role_path(str(entry.get("role")))
               and isinstance(entry.get("name", ""), str)
               and isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"]) is not None)
         if not ok:
@@ -82,9 +79,8 @@ def _recorded_inputs(data: dict, src: Path) -> dict[str, dict]:
 
 
 def _wanted(recipe: Recipe, inputs: dict[str, dict]) -> list[Wanted]:
-    pairs = list(zip(ROLE_LETTERS, recipe.models)) + ([("vae", recipe.bake_vae)] if recipe.bake_vae else [])
-    pairs += [(lora_role(i), e.path) for i, e in enumerate(recipe.lora)]
-    return [Wanted(role, rec, inputs.get(role, {}).get("sha256")) for role, rec in pairs]
+    """Every file of the recipe tree (nested recipes' files by role path, ``a.b``)."""
+    return [Wanted(role, rec, inputs.get(role, {}).get("sha256")) for role, rec in recipe_files(recipe)]
 
 
 def is_legacy_layout(wanted: list[Wanted], inputs: dict[str, dict]) -> bool:

@@ -304,6 +304,13 @@ def whole_bytes(kp: KeyPlan, inputs: int) -> int:
     return 4 * n * (inputs + 4)
 
 
+def whole_task(plan: Plan, kp: KeyPlan) -> bool:
+    """The key's value needs the whole tensor at once: a non-elementwise formula, partial channels, Adjust or a
+    LoRA patch."""
+    return bool(kp.lora) or kp.action == "merge" and (kp.channels is not None or kp.adjust is not None
+                                                      or not plan.formula.elementwise)
+
+
 def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[KeyPlan], int]) -> list[_Task]:
     tasks = []
     for kp in sorted(plan.keys, key=lambda k: k.key):
@@ -311,8 +318,7 @@ def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[
         item = ITEMSIZE[kp.out_dtype]
         numel = (end - start) // item
         chunk = min(CHUNK_ELEMS, BUF_BYTES // max(item, in_items(kp)))
-        whole = bool(kp.lora) or kp.action in ("merge",) and (kp.channels is not None or kp.adjust is not None
-                                                               or not plan.formula.elementwise)
+        whole = whole_task(plan, kp)
         if whole or numel <= chunk:
             tasks.append(_Task(kp, start, 0, numel, whole))
             continue
