@@ -25,7 +25,9 @@ from ..dtypes import ST_TO_TORCH
 from ..errors import MergeError, MergeInterrupted
 from ..plan import KeyPlan, Plan, build_plan
 from ..recipe import Recipe
+from ..roles import role
 from .cache import SourceId, TensorCache
+from .chain import ChainInput, LiveInput, input_id, leaf_caches
 from .policy import CachePolicy
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB of fp32): cache-friendly, and few GIL round trips per tensor
@@ -127,7 +129,7 @@ class LiveSession:
         if not self.a.valid():
             raise MergeError(f"model A's file changed on disk since it was loaded; reload the checkpoint, "
                              f"{self.a.id.path}")
-        live = list(self._prev[1]) if self._prev is not None and self.merged_keys() else []
+        live = leaf_caches(self._prev[1]) if self._prev is not None and self.merged_keys() else []
         for path, c in list(self.others.items()):
             if c.valid():
                 continue
@@ -238,9 +240,12 @@ class LiveSession:
                         if sig == ORIGINAL:
                             flat[s0:e0].copy_(a)
                         else:
-                            chunks = [a] + [c.chunk(key, s0, e0) for c in caches[1:]]
+                            own_a = caches[0] is self.a  # else A is a nested recipe's value
+                            first = a if own_a else caches[0].chunk(key, s0, e0)
+                            ins = caches[: formula.models] if kp.action == "merge" else caches[:1]
+                            chunks = [first] + [c.chunk(key, s0, e0) for c in ins[1:]]
                             flat[s0:e0].copy_(merge_tensors(formula, kp, chunks, scratch, device=param.device,
-                                                            a_ready=ready))
+                                                            a_ready=ready and own_a))
                         written_upto = e0
                 except _Mismatch:
                     if written_upto:
@@ -254,13 +259,23 @@ class LiveSession:
                 self.signatures[key] = sig
 
     @staticmethod
-    def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple) -> Signature:
-        if kp is not None and kp.action == "copy_a" and kp.lora:
+    def _signature(plan: Plan, kp: KeyPlan | None, ids: tuple, chained_a: bool = False) -> Signature:
+        """``chained_a``: A is a nested recipe, so "A's value" is that step's value, not the loaded weight."""
+        if kp is not None and kp.action == "copy_a" and (kp.lora or chained_a):
             return ("copy_a", ids[:1], kp.lora)  # A's value with LoRAs added: depends on A and the patches only
+        if kp is not None and chained_a and kp.action == "merge" and kp.adjust is None and not kp.lora \
+                and plan.formula.is_identity(kp.alpha, kp.beta):
+            return ("copy_a", ids[:1], ())
         if kp is None or kp.action != "merge" or (kp.adjust is None and not kp.lora
                                                   and plan.formula.is_identity(kp.alpha, kp.beta)):
             return ORIGINAL  # the live weight already holds A: nothing to write, nothing to cache
         return plan.formula.signature(kp, ids)
+
+    def _input(self, model: "str | Recipe", at: str) -> LiveInput:
+        """A file's cache, or a nested recipe over the caches of its files (a merge chain)."""
+        if isinstance(model, Recipe):
+            return ChainInput(model, [self._input(m, f"{at}.{role(i)}") for i, m in enumerate(model.models)], at)
+        return self.cache_for(model)
 
     # -- requests -------------------------------------------------------------------------------------
     def apply(self, recipe: Recipe, cancel: Callable[[], bool] | None = None,
@@ -272,22 +287,22 @@ class LiveSession:
         """
         with self.lock:
             t0 = time.perf_counter()
-            if os.path.realpath(recipe.models[0]) != self.a.id.path:
-                raise MergeError(f"model A of a test merge must be the loaded checkpoint, {recipe.models[0]}")
+            first = recipe.leaves()[0][1]  # a chain's first leaf: the model its A steps start from
+            if os.path.realpath(first) != self.a.id.path:
+                raise MergeError(f"model A of a test merge must be the loaded checkpoint, {first}")
             if recipe.swap_ab:  # it would make B the base, whose unmerged keys the live weights do not hold
                 raise MergeError("swap_ab is for file merges: a test merge's A is the loaded checkpoint, swap_ab")
             self._drop_stale_caches()
             before = sum(self.bytes_read().values())
-            caches = [self.a] + [self.cache_for(p) for p in recipe.models[1:]]
+            caches = [self._input(m, role(i)) for i, m in enumerate(recipe.models)]
             plan = build_plan(recipe, [c.source() for c in caches], stats_cache=self._stats)
-            ids = tuple(c.id for c in caches)
             params = self.target.params()
             by_key = plan.by_key()
             report = ApplyReport()
             todo: list[tuple[KeyPlan | None, str, Signature | None]] = []  # sig None: only verify
             for k in self.keys:
                 kp = by_key.get(k)
-                sig = self._signature(plan, kp, ids)
+                sig = self._signature(plan, kp, tuple(input_id(c, k) for c in caches), caches[0] is not self.a)
                 if self.signatures.get(k, ORIGINAL) != sig:
                     todo.append((kp, k, sig))
                 else:
@@ -313,7 +328,7 @@ class LiveSession:
                         c.release([k])  # the key's mapped source pages leave RSS as soon as it is done
                     if progress:
                         progress(i + 1, len(todo))
-                self._prefetch(used[1:])
+                self._prefetch([c for c in leaf_caches(used) if c is not self.a])
             except BaseException as e:
                 self._rollback(done, params)
                 if isinstance(e, _Mismatch):
