@@ -5,6 +5,12 @@ each case in its own process and samples its RssAnon (anonymous memory; mmap'd f
 cost) every 10 ms. Prints wall time (whole process), in-process merge time, peak RssAnon, and the ratios.
 
     python bench/merge_bench.py [--arch sd15|sdxl] [--dir bench/out] [--threads N] [--skip-naive]
+    python bench/merge_bench.py --chain     # a two-step chain over three files vs one merge of the three files
+
+``--chain`` (issue 14's goal: the chain within 1.3x of the single merge) times, over three full-size inputs A B C:
+``single3`` (add_difference A B C: one merge reading three files), ``chain`` (weighted_sum of [weighted_sum A B]
+and C, the inner step computed key by key in the same pass) and ``steps`` (the old way: save A+B, then merge it
+with C; both runs timed together).
 """
 from __future__ import annotations
 
@@ -65,6 +71,34 @@ from lib_merge.recipe import Recipe
 res = merge_to_file(Recipe(models=[A, B], alpha=0.5), OUT, overwrite=True, threads=THREADS)
 print(json.dumps({"inproc": time.perf_counter() - t, "sha256": res.sha256}))
 """,
+    "single3": """
+import time, torch
+t = time.perf_counter()
+from lib_merge.merge import merge_to_file
+from lib_merge.recipe import Recipe
+res = merge_to_file(Recipe(models=[A, B, C], mode="add_difference", alpha=0.5), OUT, overwrite=True, threads=THREADS)
+print(json.dumps({"inproc": time.perf_counter() - t, "sha256": res.sha256}))
+""",
+    "chain": """
+import time, torch
+t = time.perf_counter()
+from lib_merge.merge import merge_to_file
+from lib_merge.recipe import Recipe
+step = Recipe(models=[A, B], alpha=0.5)
+res = merge_to_file(Recipe(models=[step, C], alpha=0.5), OUT, overwrite=True, threads=THREADS)
+print(json.dumps({"inproc": time.perf_counter() - t, "sha256": res.sha256}))
+""",
+    "steps": """
+import os, time, torch
+t = time.perf_counter()
+from lib_merge.merge import merge_to_file
+from lib_merge.recipe import Recipe
+mid = OUT + ".step1.safetensors"
+merge_to_file(Recipe(models=[A, B], alpha=0.5), mid, overwrite=True, threads=THREADS)
+res = merge_to_file(Recipe(models=[mid, C], alpha=0.5), OUT, overwrite=True, threads=THREADS)
+os.unlink(mid)
+print(json.dumps({"inproc": time.perf_counter() - t, "sha256": res.sha256}))
+""",
 }
 
 
@@ -112,12 +146,12 @@ def warm(*paths: Path) -> None:
     subprocess.run(["sh", "-c", "sync; cat " + " ".join(f"'{p}'" for p in paths) + " > /dev/null"], check=True)
 
 
-def build_inputs(arch: str, d: Path) -> tuple[Path, Path]:
+def build_inputs(arch: str, d: Path, names: str = "AB") -> list[Path]:
     from lib_merge import synthetic
     listing = synthetic.load_listing(arch)
     d.mkdir(parents=True, exist_ok=True)
     paths = []
-    for seed, name in ((1, "A"), (2, "B")):
+    for seed, name in enumerate(names, start=1):
         p = d / f"{arch}_{name}.safetensors"
         if not p.exists():
             t = time.perf_counter()
@@ -126,7 +160,7 @@ def build_inputs(arch: str, d: Path) -> tuple[Path, Path]:
             os.replace(tmp, p)
             print(f"built {p} ({p.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True)
         paths.append(p)
-    return paths[0], paths[1]
+    return paths
 
 
 def main() -> None:
@@ -136,10 +170,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-naive", action="store_true", help="skip the naive baseline (needs RAM for both models)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per case (the best is reported)")
+    ap.add_argument("--chain", action="store_true", help="time a two-step chain against one merge of three files")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("BLOCKMERGE_CACHE", str(d / "cache"))
+    if args.chain:
+        return chain_main(args, d)
     a, b = build_inputs(args.arch, d)
     out = d / f"{args.arch}_out.safetensors"
     env = {"A": str(a), "B": str(b), "OUT": str(out), "THREADS": args.threads}
@@ -189,6 +226,44 @@ def main() -> None:
     print(f"blockmerge merge time in-process / floor: {o['inproc'] / floor['inproc']:.2f} (goal <= 1.5); "
           f"peak anon above idle import torch: {(o['peak_anon'] - idle['peak_anon']) / 1e6:.0f} MB "
           f"(goal <= {'1000 total' if args.arch == 'sdxl' else '300'}); output sha256 {sha_ours[:10] if sha_ours else '-'}")
+
+
+def chain_main(args, d: Path) -> None:
+    from lib_merge import hashing
+    a, b, c = build_inputs(args.arch, d, "ABC")
+    out = d / f"{args.arch}_chain_out.safetensors"
+    env = {"A": str(a), "B": str(b), "C": str(c), "OUT": str(out), "THREADS": args.threads}
+    for p in (a, b, c):
+        hashing.sha256_file(p)  # cached (path, size, mtime): no case pays for hashing its inputs
+    cases = ["idle", "single3", "chain", "steps"]
+    results = {}
+    for case in cases:
+        best = None
+        for _ in range(args.repeat):
+            if out.exists():
+                out.unlink()
+            warm(a, b, c)
+            r = sample_run(CASES[case], env)
+            if best is None or r["wall"] < best["wall"]:
+                best = r
+        results[case] = best
+        print(f"  ran {case}: wall {best['wall']:.2f} s", flush=True)
+    if out.exists():
+        out.unlink()
+    idle, single = results["idle"], results["single3"]
+    print()
+    print(f"{args.arch}: three inputs of {a.stat().st_size / 1e9:.2f} GB, fp16, {os.cpu_count()} cores")
+    print(f"{'case':<10} {'wall s':>8} {'in-proc s':>10} {'x single3':>10} {'peak anon MB':>13} {'anon - idle MB':>15}")
+    for case in cases:
+        r = results[case]
+        ratio = f"{r['inproc'] / single['inproc']:10.2f}" if case != "idle" else f"{'-':>10}"
+        print(f"{case:<10} {r['wall']:8.2f} {r['inproc']:10.2f} {ratio} {r['peak_anon'] / 1e6:13.0f} "
+              f"{(r['peak_anon'] - idle['peak_anon']) / 1e6:15.0f}")
+    ch = results["chain"]
+    ratio = ch["inproc"] / single["inproc"]
+    print(f"{'PASS' if ratio <= 1.3 else 'FAIL'} chain: {ch['inproc']:.2f} s = {ratio:.2f}x one merge of three files "
+          f"(goal <= 1.3x); peak anon over idle {(ch['peak_anon'] - idle['peak_anon']) / 1e6:.0f} MB vs "
+          f"{(single['peak_anon'] - idle['peak_anon']) / 1e6:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,19 @@ def merge_summary(recipe_json: str | None) -> dict | None:
     return out
 
 
+def model_text(m, depth: int = 0) -> str:
+    """A recorded model: its file name, or a nested step as ``[mode method alpha: A, B]`` (a merge chain)."""
+    inner = m.get("recipe") if isinstance(m, dict) else None
+    if not isinstance(inner, dict):
+        return str(m)
+    if depth >= 16:
+        return "[…]"
+    models = inner.get("models") if isinstance(inner.get("models"), list) else []
+    how = " ".join(str(inner[k]) for k in ("mode", "method") if inner.get(k)) or "weighted_sum"
+    ratio = f" {inner['preset']}" if inner.get("preset") else (f" alpha {inner['alpha']}" if "alpha" in inner else "")
+    return f"[{how}{ratio}: {', '.join(model_text(x, depth + 1) for x in models)}]"
+
+
 def _lora_text(e) -> str:
     """``style.safetensors:0.8:OUTALL``, as ``--lora`` takes it."""
     if not isinstance(e, dict):
@@ -114,7 +127,7 @@ def format_summary(s: dict) -> str:
                      f"{merge.get('alpha')}" + (f", {params}" if params else "")
                      + (f", seed {merge['seed']}" if "seed" in merge else "")
                      + (f", adjust {merge['adjust']}" if "adjust" in merge else ""))
-        lines.append(f"models:       {', '.join(map(str, merge['models']))}")
+        lines.append(f"models:       {', '.join(model_text(m) for m in merge['models'])}")
         if isinstance(merge.get("lora"), list):
             lines.append("LoRAs:        " + ", ".join(_lora_text(e) for e in merge["lora"]))
     meta = s.get("metadata") or {}

@@ -214,3 +214,12 @@ def test_cli_takes_a_recipe_file_where_a_model_goes(tmp_path, models, capsys):
                  str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read recipe") and "missing.yaml" in err and err.count("\n") == 1
+
+
+def test_inspect_shows_the_chain(tmp_path, models, capsys):
+    step = Recipe(models=m(models, "sd15_a", "sd15_b"), preset="GRAD_V")
+    out = tmp_path / "chain.safetensors"
+    merge_to_file(normalize_recipe(Recipe(models=[step, str(models["sd15_c"])], alpha=0.5)), out)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "models:       [weighted_sum linear GRAD_V: sd15_a.safetensors, sd15_b.safetensors], sd15_c.safetensors" in text
