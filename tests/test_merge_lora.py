@@ -468,3 +468,36 @@ def test_interrupted_strength_change_rolls_back_to_the_previous_lora_merge(model
         assert session.apply(r(0.7)).written == 0
     finally:
         session.close()
+
+
+def test_file_sink_patches_plain_lora_by_blocks_of_rows_with_the_whole_tensor_numbers(models, loras, sd15_listing,
+                                                                                      tmp_path, monkeypatch):
+    """Plain-LoRA keys stream through the file sink block of rows by block (no whole fp32 copy): with one-row
+    blocks every patched key is cut into several chunks, and the file still equals the live (whole-tensor)
+    result bit for bit, in both the merge and the copy-from-A (lora bake) paths."""
+    import lib_merge.lora.bake as B
+    from lib_merge.io import filesink
+    monkeypatch.setattr(B, "CHUNK_ELEMS", 4)  # row_step(cols) = 1 row for every patched key here
+    l1, l2 = loras
+    seen = []
+    real = filesink.FileSink._patched_rows
+    monkeypatch.setattr(filesink.FileSink, "_patched_rows",
+                        lambda self, task, scratch, out: seen.append((task.kp.key, task.elem_start))
+                        or real(self, task, scratch, out))
+    for mode_kw in ({"alpha": 0.3}, {"mode": "no_interpolation", "models": [str(models["sd15_a"])]}):
+        r = Recipe(**{"models": [str(models["sd15_a"]), str(models["sd15_b"])], "dtype": "fp32", "vae": "a",
+                      "lora": [entry(l1, 0.7), entry(l2, -1.2)], **mode_kw})
+        seen.clear()
+        out = tmp_path / f"rows_{mode_kw.get('mode', 'ws')}.safetensors"
+        saved = load(merge_to_file(r, out).output)
+        assert {(OUT_V, 768), (OUT_V, 2 * 768), (CONV3, 27)} <= set(seen)  # several row blocks per key
+        session, module = _session(models, sd15_listing)
+        try:
+            session.apply(r)
+            for k, p in module.named_parameters():
+                assert torch.equal(p.detach(), saved[k]), k
+        finally:
+            session.close()
+        a = load(models["sd15_a"])[OUT_V].float() if "mode" in mode_kw else lerp(models, OUT_V, 0.3)
+        torch.testing.assert_close(saved[OUT_V], a + 0.7 * delta(l1, OUT_V) - 1.2 * delta(l2, OUT_V),
+                                   rtol=1e-5, atol=1e-5)

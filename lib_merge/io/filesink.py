@@ -21,7 +21,7 @@ import shutil
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,7 @@ from ..methods.compute import merge_tensors
 from ..dtypes import ITEMSIZE, ST_TO_TORCH
 from ..errors import InternalError, MergeError, MergeInterrupted
 from ..finite import InputReader, NonFinite
+from ..lora.apply import add_lora_rows, row_block
 from ..plan import KeyPlan, Plan
 from ..roles import label
 from .sources import Source
@@ -311,7 +312,16 @@ def whole_task(plan: Plan, kp: KeyPlan) -> bool:
                                                       or not plan.formula.elementwise)
 
 
-def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[KeyPlan], int]) -> list[_Task]:
+def _streams_lora(plan: Plan, kp: KeyPlan) -> bool:
+    """A LoRA-patched key that only the patch makes whole (the formula alone would stream it)."""
+    return bool(kp.lora) and not (kp.action == "merge" and (kp.channels is not None or kp.adjust is not None
+                                                            or not plan.formula.elementwise))
+
+
+def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[KeyPlan], int],
+           lora_rows: bool = True) -> list[_Task]:
+    """The output in write order: whole tensors, or chunks. ``lora_rows``: plain-LoRA keys go by blocks of rows
+    (CPU sinks; the LoRA factors live on the CPU)."""
     tasks = []
     for kp in sorted(plan.keys, key=lambda k: k.key):
         start, end = offsets[kp.key]
@@ -319,6 +329,10 @@ def _tasks(plan: Plan, offsets: dict[str, tuple[int, int]], in_items: Callable[[
         numel = (end - start) // item
         chunk = min(CHUNK_ELEMS, BUF_BYTES // max(item, in_items(kp)))
         whole = whole_task(plan, kp)
+        if whole and lora_rows and _streams_lora(plan, kp):  # plain LoRA: patched block of rows by block, as add_lora does
+            rows = row_block(kp.lora, kp.shape)
+            whole = rows is None or rows > chunk
+            chunk = rows or chunk
         if whole or numel <= chunk:
             tasks.append(_Task(kp, start, 0, numel, whole))
             continue
@@ -412,6 +426,8 @@ class FileSink:
                 return res.to(device="cpu", dtype=out_t).reshape(-1).view(torch.uint8)
             finally:
                 self.budget.release(need)  # the fp32 temporaries are gone: only the output-dtype result is kept
+        if kp.lora:  # a plain-LoRA key in whole rows (_tasks): the formula's chunk, then the rows' patches
+            return self._patched_rows(task, scratch, out)
         if kp.action != "merge":
             src, key = self._src_for(kp)
             info = src.infos[key]
@@ -436,12 +452,30 @@ class FileSink:
             view.copy_(res.reshape(-1).to(dtype=out_t).cpu())
         return out[:nbytes]
 
+    def _patched_rows(self, task: _Task, scratch: _Scratch, out: torch.Tensor) -> torch.Tensor:
+        """A chunk of whole rows of a LoRA-patched key: A's values (or the formula's) in fp32, plus the LoRA rows
+        (``add_lora_rows``: the blocks ``add_lora`` adds on the whole tensor), cast to the output dtype."""
+        kp = task.kp
+        n = task.elem_count
+        srcs = self.sources[: self.plan.formula.models] if kp.action == "merge" else self.sources[:1]
+        scratch.ensure(len(srcs))
+        tensors = [s.read_bytes_into(kp.key, scratch.raw[i], task.elem_start, n) for i, s in enumerate(srcs)]
+        if kp.action == "merge":
+            res = merge_tensors(self.plan.formula, replace(kp, lora=()), tensors, scratch.f32)
+        else:
+            res = scratch.f32[0][:n]
+            res.copy_(tensors[0])
+        add_lora_rows(kp.lora, res.reshape(-1), kp.shape, task.elem_start)
+        nbytes = n * ITEMSIZE[kp.out_dtype]
+        out[:nbytes].view(ST_TO_TORCH[kp.out_dtype]).copy_(res.reshape(-1))
+        return out[:nbytes]
+
     # -- the whole file --------------------------------------------------------------------------------
     def write(self, target: Path, overwrite: bool, progress: Callable[[int, int], None] | None = None,
               cancel: Callable[[], bool] | None = None) -> str:
         """Write the file; returns its sha256."""
         header, offsets = build_header(self.plan, self.metadata)
-        tasks = _tasks(self.plan, offsets, self._in_itemsize)
+        tasks = _tasks(self.plan, offsets, self._in_itemsize, lora_rows=self.device.type == "cpu")
         total = max((e for _, e in offsets.values()), default=len(header))
         target = Path(target)
         check_free_space(target, total)

@@ -72,6 +72,27 @@ def add_lora(patches: Iterable[LoraPatch], value: Tensor) -> Tensor:
     return _bake().patched(value, todo, inplace=True) if todo else value
 
 
+def row_block(patches: Iterable[LoraPatch], shape: Sequence[int]) -> int | None:
+    """Elements per block of rows in which a key's patches can be added chunk by chunk (plain LoRA only: the
+    file sink then streams the key), or None when the key must be patched whole."""
+    todo = [p.patch for p in patches]
+    if not todo or not shape or not _bake().by_rows(todo):
+        return None
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return _bake().row_step(cols) * cols
+
+
+def add_lora_rows(patches: Iterable[LoraPatch], chunk: Tensor, shape: Sequence[int], elem_start: int) -> None:
+    """``chunk`` (fp32, the flattened elements of whole rows from ``elem_start`` on, a ``row_block`` of them or the
+    last rows) += the patches' rows, in place: the numbers ``add_lora`` gives those rows."""
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    _bake().add_rows(chunk.view(-1, cols), [p.patch for p in patches], elem_start // cols)
+
+
 def counts(patches: Mapping[str, tuple[LoraPatch, ...]]) -> tuple[int, int]:
     """(weights patched, module applications) for the report."""
     return len(patches), sum(len(v) for v in patches.values())

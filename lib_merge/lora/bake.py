@@ -110,7 +110,29 @@ def plan_patches(loras: list[LoraInput], shapes: dict[str, tuple[int, ...]], arc
     return patches
 
 
-CHUNK_ELEMS = 1 << 22  # fp32 elements per row block (16 MB, reused): no full-size fp32 temporary
+CHUNK_ELEMS = 1 << 19  # fp32 elements per row block (2 MB, reused): no full-size fp32 temporary. The file sink
+# patches plain-LoRA keys in these same row blocks (``row_step``), so its numbers are the whole-tensor path's.
+
+
+def row_step(cols: int) -> int:
+    """Rows per block of a weight with ``cols`` columns: how ``patched`` (and the file sink) cut a weight."""
+    return max(1, CHUNK_ELEMS // max(cols, 1))
+
+
+def by_rows(todo: list[Patch]) -> bool:
+    """Every patch multiplies only the rows asked for (plain LoRA, no CP core): it can be added block by block
+    of rows without building ΔW whole."""
+    return all(isinstance(mod, LoraModule) and mod.mid is None for mod, _, _ in todo)
+
+
+def add_rows(acc: torch.Tensor, todo: list[Patch], i: int) -> None:
+    """``acc`` (fp32 rows i.. of a weight, as a (rows, cols) matrix) += Σ strength · ΔW's rows, in place: the
+    block ``patched`` computes for the same rows."""
+    j = i + acc.shape[0]
+    for first, add, count in [(first, *_contribution(mod, strength)) for mod, strength, first in todo]:
+        lo, hi = max(i, first), min(j, first + count)
+        if lo < hi:
+            add(acc[lo - i:hi - i], lo - first, hi - first)
 
 
 def _contribution(mod: Module, strength: float):
@@ -133,7 +155,7 @@ def patched(w: torch.Tensor, todo: list[Patch], inplace: bool = False) -> torch.
     parts = [(first, *_contribution(mod, strength)) for mod, strength, first in todo]
     inplace = inplace and w.dtype == torch.float32 and w.is_contiguous()
     out = mat if inplace else torch.empty_like(mat)
-    step = max(1, CHUNK_ELEMS // max(cols, 1))
+    step = row_step(cols)
     buf = None if inplace else torch.empty(min(step, rows), cols, dtype=torch.float32)
     for i in range(0, rows, step):
         j = min(rows, i + step)
