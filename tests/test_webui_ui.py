@@ -395,6 +395,15 @@ class Recording:
         self.sent.append(params)
         return {"written": 1, "notes": [], "message": "ok", "recipe": {"seed": self.seed}}
 
+    def status(self):
+        return {"live": False}
+
+    def chain_text(self):
+        return ""
+
+    def chained(self, params):
+        return params
+
 
 def test_test_merge_sends_the_method_and_its_typed_parameter_values(stub, monkeypatch):
     from lib_merge.webui import ui
