@@ -550,8 +550,11 @@ def create_tab():
             except MergeError as e:
                 return [gr.update(), gr.update(), status_html(str(e), True)]
             text = SERVICE.chain_text()
+            again = [n for n, f in (("LoRAs", "lora"), ("Adjust", "adjust")) if (SERVICE.chain_base or {}).get(f)]
+            note = (f"; the chain already holds its {' and '.join(again)}: clear them in the tab unless you want them "
+                    f"applied again" if again else "")
             return [chain_html(text), gr.update(visible=True),
-                    status_html(f"the next Test merge merges on top of {text}: choose B, mode and weights")]
+                    status_html(f"the next Test merge merges on top of {text}: choose B, mode and weights{note}")]
 
         def do_clear_chain():
             SERVICE.clear_chain()
