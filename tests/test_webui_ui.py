@@ -395,7 +395,7 @@ class Recording:
         self.sent.append(params)
         return {"written": 1, "notes": [], "message": "ok", "recipe": {"seed": self.seed}}
 
-    def status(self):
+    def status(self):  # the tab reads these at build time (chain button) and in Test merge
         return {"live": False}
 
     def chain_text(self):
