@@ -170,3 +170,19 @@ def test_xyz_cells_merge_on_top_of_a_nested_base(webui):
     svc.restore()
     assert fp(model) == original
 
+
+
+def test_a_reload_during_a_generation_re_applies_the_chain_from_its_pinned_first_leaf(webui):
+    """A generation pins the chain's first leaf (never the outer model_a, which is the nested step) and re-applies
+    the whole chain after a reload wiped it."""
+    svc, sdm, model = webui["svc"], webui["sd_models"], webui["model"]
+    svc.test_merge(chain_body())
+    merged = fp(model)
+    fields = svc.begin_generation()
+    assert json.loads(fields["BlockMerge"])["models"][0]["recipe"]["preset"] == "GRAD_V"
+    assert svc.generation_params["model_a"]["recipe"]["model_a"] == "synthA.safetensors"
+    sdm.reload_model_weights(info=sdm.checkpoint_aliases["synthA"], forced_reload=True)  # same file, weights wiped
+    assert fp(model) != merged
+    from modules import processing
+    svc.ensure_applied(processing.StableDiffusionProcessingTxt2Img(prompt="cat"))
+    assert fp(model) == merged and svc.status()["live"] and svc.session.recipe.is_chain()
