@@ -22,6 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from webui_check import call, common_parser, endpoints, ensure_loaded  # noqa: E402
 
 
+def blockmerge_param(infotext: str) -> dict | None:
+    """The ``BlockMerge`` generation parameter (the WebUI quotes a value holding commas as a JSON string)."""
+    at = infotext.find("BlockMerge: ")
+    if at < 0:
+        return None
+    text, _ = json.JSONDecoder().raw_decode(infotext, at + len("BlockMerge: "))
+    return json.loads(text)
+
+
 def main() -> int:
     ap = common_parser(os.path.join(tempfile.gettempdir(), "blockmerge-webui-chain-check"))
     ap.add_argument("--save-name", default="blockmerge-chain-check")
@@ -68,8 +77,11 @@ def main() -> int:
     check("GET recipe holds the nested recipe", isinstance(nested, dict) and nested["recipe"]["preset"] == "GRAD_V")
     img_chain, info = txt2img("chain")
     check("chained image differs from the unchained one", img_chain != img_step)
-    check("infotext names the chain (nested recipe in BlockMerge)", '"recipe":' in info and "GRAD_V" in info
-          and "GRAD_A" in info)
+    recorded = blockmerge_param(info)
+    check("infotext names the chain (the nested recipe in BlockMerge)",
+          recorded is not None and recorded["preset"] == "GRAD_A" and recorded["models"][1] == f"{args.b}.safetensors"
+          and recorded["models"][0]["recipe"]["preset"] == "GRAD_V"
+          and recorded["models"][0]["recipe"]["models"] == [f"{args.a}.safetensors", f"{args.b}.safetensors"])
 
     # one block of the outer step: GRAD_A as a vector (same ratios: nothing rewritten) with OUT05 changed
     from lib_merge.arch import ARCHS, block_of

@@ -514,18 +514,21 @@ def test_merge_again_from_the_preview_chains_the_live_merge(live_tab):
     assert c["chain"].interactive is False and c["clear_chain"].visible is False  # nothing live yet
     t.fire(c["chain"], "click")
     assert "no test merge is live" in t[c["status"]] and "Base:" not in t[c["chain_info"]]
-    t[c["model_b"]], t[c["alpha"]] = "synthB", 0.3
+    t[c["model_b"]], t[c["alpha"]], t[c["use_blocks"]], t[c["preset"]] = "synthB", 0.3, True, "GRAD_V"
+    t.fire(c["preset"], "select")  # the tab sends the preset as its vector; the chain line names it
     t.fire(test, "click")
     assert "test merge live" in t[c["status"]] and t.prop(c["chain"], "interactive") is True
     t.fire(c["chain"], "click")
-    assert "Base: (synthA × synthB, alpha 0.3) → this merge" in t[c["chain_info"]]
+    assert "Base: (synthA × synthB, GRAD_V) → this merge" in t[c["chain_info"]], t[c["chain_info"]]
     assert t.prop(c["clear_chain"], "visible") is True
-    t[c["model_b"]], t[c["alpha"]] = "synthC", 0.5
+    t[c["model_b"]], t[c["use_blocks"]] = "synthC", False
     t.fire(test, "click")
     assert "test merge live" in t[c["status"]], t[c["status"]]
     step = svc.live_params["model_a"]["recipe"]
     assert (step["model_a"], step["model_b"], step["alpha"]) == ("synthA.safetensors", "synthB.safetensors", 0.3)
+    assert step["weights"] == t[c["weights_alpha"]] and "dtype" not in step  # the step stays in A's dtype
     assert svc.live_params["model_b"] == "synthC.safetensors" and svc.session.recipe.is_chain()
+    assert "weights" not in svc.live_params and svc.live_params["alpha"] == 0.3
     t.fire(by_label["Preview"], "click")
     info = t[c["infotext"]]
     assert '"recipe":' in info and "synthB.safetensors" in info and "synthC.safetensors" in info

@@ -83,13 +83,14 @@ def _short(name: Any) -> str:
     return PurePosixPath(str(name)).name.removesuffix(".safetensors").removesuffix(".ckpt")
 
 
-def describe(params: dict, loaded: str | None = None) -> str:
-    """A step in a few words, for the tab: ``(synthA × synthB, GRAD_V)``; nested steps in their own brackets."""
+def describe(params: dict, loaded: str | None = None, weights_name: Callable[[str], str | None] | None = None) -> str:
+    """A step in a few words, for the tab: ``(synthA × synthB, GRAD_V)``; nested steps in their own brackets.
+    ``weights_name(text)``: the preset a weight vector equals (the tab sends a chosen preset as its vector)."""
     models = []
     for field, v in model_slots(params):
         body = step_body(v)
         if body is not None:
-            models.append(describe(body, loaded))
+            models.append(describe(body, loaded, weights_name))
         elif v:
             models.append(_short(v))
         elif field == "model_a":
@@ -105,7 +106,7 @@ def describe(params: dict, loaded: str | None = None) -> str:
     if params.get("preset"):
         how.append(str(params["preset"]))
     elif params.get("weights"):
-        how.append("block weights")
+        how.append((weights_name(params["weights"]) if weights_name else None) or "block weights")
     elif params.get("alpha") is not None:
         how.append(f"alpha {float(params['alpha']):g}")
     return f"({' × '.join(models)}{', ' + ', '.join(how) if how else ''})"

@@ -18,11 +18,13 @@ from typing import Any, Callable
 import torch
 
 from ..arch import ARCHS, block_of
+from .. import presets
 from ..errors import MergeError
 from ..live import CachePolicy, LiveSession
 from ..merge import merge_to_file
 from ..options import DEFAULT_SAVE_DTYPE
 from ..recipe import Recipe
+from ..weights import parse_weights
 from . import host
 from .chain import describe, first_a, map_models, model_slots, pin_first_a, step_body
 from .names import output_path
@@ -458,13 +460,27 @@ class Service:
             return ""
         model = host.loaded_model()
         info = getattr(model, "sd_checkpoint_info", None) if model is not None else None
-        return describe(self.chain_base, getattr(info, "name", None))
+        arch = ARCHS["sdxl" if getattr(model, "is_sdxl", False) else "sd1"]
+        return describe(self.chain_base, getattr(info, "name", None), lambda text: preset_named(text, arch))
 
     def chained(self, params: dict) -> dict:
         """A tab request with the chain base as its model A (unchanged when there is no chain)."""
         if self.chain_base is None:
             return params
         return {**params, "model_a": {"recipe": dict(self.chain_base)}}
+
+
+def preset_named(weights: str, arch) -> str | None:
+    """The preset whose vector ``weights`` is (the tab sends a chosen preset as its values), else None."""
+    try:
+        vec = parse_weights(weights, arch, 0.5)
+    except MergeError:
+        return None
+    for name in presets.names(arch):
+        want = presets.resolve(name, arch)
+        if len(want) == len(vec) and all(abs(x - y) <= 1e-9 for x, y in zip(vec, want)):
+            return name
+    return None
 
 
 def need_model_a(params: dict, path: str = "") -> None:
