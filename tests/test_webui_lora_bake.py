@@ -236,6 +236,15 @@ class Recording:
         self.sent.append(params)
         return {"name": "x.safetensors", "short_hash": "0", "seconds": 0.1, "recipe": {}}
 
+    def status(self):  # the tab reads these at build time (chain button) and in Test merge / Merge to file
+        return {"live": False}
+
+    def chain_text(self):
+        return ""
+
+    def chained(self, params):
+        return params
+
 
 def _button(t, label):
     return next(b for b in t.c["buttons"] if b.value == label)

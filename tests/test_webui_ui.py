@@ -395,6 +395,15 @@ class Recording:
         self.sent.append(params)
         return {"written": 1, "notes": [], "message": "ok", "recipe": {"seed": self.seed}}
 
+    def status(self):  # the tab reads these at build time (chain button) and in Test merge
+        return {"live": False}
+
+    def chain_text(self):
+        return ""
+
+    def chained(self, params):
+        return params
+
 
 def test_test_merge_sends_the_method_and_its_typed_parameter_values(stub, monkeypatch):
     from lib_merge.webui import ui
@@ -486,3 +495,59 @@ def test_variadic_mode_shows_its_parameters_and_more_models_and_sends_them(stub,
     t.fire(c["mode"], "change")
     t.fire(test, "click")
     assert "more_models" not in rec.sent[-1] and t.prop(c["more_models"], "visible") is False
+
+
+# -- merge chains (issue 14 §1) ---------------------------------------------------------------------------------
+def test_merge_again_from_the_preview_chains_the_live_merge(live_tab):
+    """The button makes the live merge model A of the next Test merge (and Merge to file); Save writes the chain,
+    Restore gives the loaded weights back bit-exactly, Clear chain starts from the loaded checkpoint again."""
+    import torch
+    from safetensors.torch import load_file
+    from lib_merge.live import fingerprint
+    from lib_merge.webui import host, ui
+    from lib_merge.webui.target import WebUITarget
+    t, c, svc = live_tab, live_tab.c, ui.SERVICE
+    model = host.loaded_model()
+    original = fingerprint(WebUITarget(model).params())
+    by_label = {b.value: b for b in c["buttons"]}
+    test, save, to_file, restore = (by_label[k] for k in ("Test merge", "Save", "Merge to file (A B C)", "Restore"))
+    assert c["chain"].interactive is False and c["clear_chain"].visible is False  # nothing live yet
+    t.fire(c["chain"], "click")
+    assert "no test merge is live" in t[c["status"]] and "Base:" not in t[c["chain_info"]]
+    t[c["model_b"]], t[c["alpha"]], t[c["use_blocks"]], t[c["preset"]] = "synthB", 0.3, True, "GRAD_V"
+    t.fire(c["preset"], "select")  # the tab sends the preset as its vector; the chain line names it
+    t.fire(test, "click")
+    assert "test merge live" in t[c["status"]] and t.prop(c["chain"], "interactive") is True
+    t.fire(c["chain"], "click")
+    assert "Base: (synthA × synthB, GRAD_V) → this merge" in t[c["chain_info"]], t[c["chain_info"]]
+    assert t.prop(c["clear_chain"], "visible") is True
+    t[c["model_b"]], t[c["use_blocks"]] = "synthC", False
+    t.fire(test, "click")
+    assert "test merge live" in t[c["status"]], t[c["status"]]
+    step = svc.live_params["model_a"]["recipe"]
+    assert (step["model_a"], step["model_b"], step["alpha"]) == ("synthA.safetensors", "synthB.safetensors", 0.3)
+    assert step["weights"] == t[c["weights_alpha"]] and "dtype" not in step  # the step stays in A's dtype
+    assert svc.live_params["model_b"] == "synthC.safetensors" and svc.session.recipe.is_chain()
+    assert "weights" not in svc.live_params and svc.live_params["alpha"] == 0.3
+    t.fire(by_label["Preview"], "click")
+    info = t[c["infotext"]]
+    assert '"recipe":' in info and "synthB.safetensors" in info and "synthC.safetensors" in info
+    live = {k: v.detach().clone() for k, v in WebUITarget(model).params().items()}
+    t[c["output"]], t[c["dtype"]] = "tab-chain", "fp32"
+    t.fire(save, "click")
+    assert "saved tab-chain.safetensors" in t[c["status"]], t[c["status"]]
+    saved = load_file(host.models_dir() / "tab-chain.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in live.items())
+    t[c["output"]] = "tab-chain-file"  # Merge to file merges the tab's B and weights on top of the chain too
+    t.fire(to_file, "click")
+    assert "wrote tab-chain-file.safetensors" in t[c["status"]], t[c["status"]]
+    file_merged = load_file(host.models_dir() / "tab-chain-file.safetensors")
+    assert all(torch.equal(file_merged[k], saved[k]) for k in saved)
+    t.fire(restore, "click")
+    assert t.prop(c["chain"], "interactive") is False
+    assert fingerprint(WebUITarget(model).params()) == original
+    assert "Base:" in t[c["chain_info"]]  # the chain stays until cleared
+    t.fire(c["clear_chain"], "click")
+    assert "Base:" not in t[c["chain_info"]] and t.prop(c["clear_chain"], "visible") is False
+    t.fire(test, "click")
+    assert "model_a" not in svc.live_params and not svc.session.recipe.is_chain()

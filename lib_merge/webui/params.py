@@ -11,7 +11,8 @@ from ..errors import MergeError
 from ..methods.modes import Mode, get_mode
 from ..options import check_subtargets
 from ..lora.blocks import parse_blocks
-from ..recipe import READABLE_VERSIONS, LoraEntry, Recipe
+from ..recipe import MAX_CHAIN_DEPTH, READABLE_VERSIONS, LoraEntry, Recipe
+from .chain import at_step
 
 FIELDS = {"model_a", "model_b", "model_c", "more_models", "mode", "alpha", "beta", "weights", "weights_beta", "preset",
           "preset_beta", "elemental", "dtype", "vae", "subtargets", "supermerger_time_embed_out11", "seed",
@@ -86,24 +87,50 @@ def method_params(params: dict) -> dict[str, Any]:
     return Recipe.from_dict(shape, "params").params
 
 
-def _other_models(params: dict, mode: Mode, resolve_model: Callable[[str, str], str]) -> list[str]:
-    """B, C, … as file paths: ``model_b`` and ``model_c`` where the mode takes them; a variadic mode (A the
-    base, then any number) reads ``model_b``, an optional ``model_c`` and the list ``more_models`` after them."""
-    out = []
+ResolveModel = Callable[[str, str], str]
+Step = Callable[[dict, str], Recipe]  # a nested step's body and its field path -> its recipe
+
+
+def model_entry(value: Any, field: str, resolve_model: ResolveModel, step: Step) -> str | Recipe | None:
+    """One model field: a checkpoint name (-> its file path), ``{"recipe": {…}}`` (a nested step, read by
+    ``step``), or nothing (None: an empty name)."""
+    if isinstance(value, dict):
+        extra = sorted(set(value) - {"recipe"})
+        if extra or "recipe" not in value:
+            raise MergeError(f"a nested step is {{\"recipe\": {{…}}}} only, {field}.{extra[0] if extra else 'recipe'}")
+        if not isinstance(value["recipe"], dict):
+            raise MergeError(f"recipe must be a JSON object of merge settings, {field}.recipe")
+        return step(value["recipe"], f"{field}.recipe")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise MergeError(f"{field} must be a checkpoint name or {{\"recipe\": {{…}}}}, {field}: {value!r}")
+    return resolve_model(value.strip(), field)
+
+
+def _other_models(params: dict, mode: Mode, resolve_model: ResolveModel, step: Step) -> list[str | Recipe]:
+    """B, C, … as file paths (or nested recipes): ``model_b`` and ``model_c`` where the mode takes them; a variadic
+    mode (A the base, then any number) reads ``model_b``, an optional ``model_c`` and the list ``more_models``."""
+    out: list[str | Recipe] = []
     for i, field in enumerate(("model_b", "model_c")):
-        name = _str(params, field)
-        if i + 1 < mode.models and not name:
+        given = params.get(field)
+        if i + 1 < mode.models and (given is None or (isinstance(given, str) and not given.strip())):
             raise MergeError(f"mode {mode.name} needs {field}, {field}")
-        if name and (mode.variadic or i + 1 < mode.models):
-            out.append(resolve_model(name, field))
+        if mode.variadic or i + 1 < mode.models:
+            m = model_entry(given, field, resolve_model, step)
+            if m is not None:
+                out.append(m)
     more = params.get("more_models") or []
     if isinstance(more, str):
         more = [m.strip() for m in more.split(",") if m.strip()]
-    if not isinstance(more, list) or not all(isinstance(m, str) for m in more):
+    if not isinstance(more, list) or not all(isinstance(m, (str, dict)) for m in more):
         raise MergeError(f"more_models must be a list of checkpoint names, more_models: {more!r}")
     if more and not mode.variadic:
         raise MergeError(f"mode {mode.name} takes {mode.models_text()} only, more_models")
-    out += [resolve_model(m, f"more_models[{i}]") for i, m in enumerate(more) if m.strip()]
+    for i, m in enumerate(more):
+        entry = model_entry(m, f"more_models[{i}]", resolve_model, step)
+        if entry is not None:
+            out.append(entry)
     return out
 
 
@@ -159,22 +186,33 @@ def lora_entries(value: Any, resolve_lora: Callable[[Any, str], str] | None) -> 
     return out
 
 
-def to_recipe(params: dict[str, Any], resolve_model: Callable[[str, str], str], model_a_path: str | None,
-              default_vae: str = "a", resolve_lora: Callable[[Any, str], str] | None = None) -> Recipe:
+def to_recipe(params: dict[str, Any], resolve_model: ResolveModel, model_a_path: str | None,
+              default_vae: str = "a", resolve_lora: Callable[[Any, str], str] | None = None,
+              depth: int = 0) -> Recipe:
     """``resolve_model(name, field) -> file path`` (checkpoint names only). ``model_a_path`` is used when
-    ``model_a`` is absent (the loaded checkpoint for live merges). ``resolve_lora``: see :func:`lora_entries`."""
+    ``model_a`` is absent (the loaded checkpoint for live merges; in nested steps too). ``resolve_lora``: see
+    :func:`lora_entries`. A model field may be ``{"recipe": {…}}``: a nested step (a merge chain), read by this
+    function with the same defaults, its errors naming the field path (``model_a.recipe.model_b``)."""
     if not isinstance(params, dict):
         raise MergeError("the request body must be a JSON object")
-    unknown = sorted(set(params) - FIELDS)
+    unknown = sorted(set(params) - (FIELDS if depth == 0 else FIELDS - {"output", "overwrite"}))
     if unknown:
         raise MergeError(f"unknown field, {unknown[0]}")
+
+    def step(body: dict, path: str) -> Recipe:
+        if depth + 1 > MAX_CHAIN_DEPTH:
+            raise MergeError(f"recipes are nested more than {MAX_CHAIN_DEPTH} deep, {path}")
+        try:
+            return to_recipe(body, resolve_model, model_a_path, default_vae, resolve_lora, depth + 1)
+        except MergeError as e:
+            raise at_step(e, path) from None
+
     mode_name = _str(params, "mode") or "weighted_sum"
     mode = get_mode(mode_name)  # the engine's check: an unknown name lists the modes
-    a_name = _str(params, "model_a")
-    a = resolve_model(a_name, "model_a") if a_name else model_a_path
+    a = model_entry(params.get("model_a"), "model_a", resolve_model, step) or model_a_path
     if not a:
         raise MergeError("model_a is required (no checkpoint is loaded), model_a")
-    models = [a] + _other_models(params, mode, resolve_model)
+    models = [a] + _other_models(params, mode, resolve_model, step)
     alpha = _num(params, "alpha", 0.5)
     beta = _num(params, "beta", 0.25)
     elemental = _str(params, "elemental")

@@ -18,11 +18,15 @@ from typing import Any, Callable
 import torch
 
 from ..arch import ARCHS, block_of
+from .. import presets
 from ..errors import MergeError
 from ..live import CachePolicy, LiveSession
 from ..merge import merge_to_file
 from ..options import DEFAULT_SAVE_DTYPE
+from ..recipe import Recipe
+from ..weights import parse_weights
 from . import host
+from .chain import describe, first_a, map_models, model_slots, pin_first_a, step_body
 from .names import output_path
 from .params import flag, to_recipe
 from .target import WebUITarget
@@ -61,6 +65,7 @@ class Service:
         self.last_message = ""
         self.xyz_failure: str | None = None
         self.xyz_cells: list[dict] = []
+        self.chain_base: dict | None = None  # the tab's "Merge again from the preview": model A of its next merges
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _progress(self, stage: str, done: int = 0, total: int = 0) -> None:
@@ -116,13 +121,15 @@ class Service:
             out["lora"] = cls.canonical_lora(out["lora"])
         elif "lora" in out:
             del out["lora"]  # [] / null: no LoRAs, the same request as without the field
-        for field in ("model_a", "model_b", "model_c"):
-            if out.get(field):
-                out[field] = host.checkpoint_by_name(out[field], field).name
-        if isinstance(out.get("more_models"), list):
-            out["more_models"] = [host.checkpoint_by_name(m, f"more_models[{i}]").name if isinstance(m, str) else m
-                                  for i, m in enumerate(out["more_models"])]
-        return out
+
+        def name(value: Any, field: str) -> Any:
+            body = step_body(value)
+            if body is not None:
+                return {"recipe": cls.canonical(body)}  # a nested step: its models and LoRAs named alike
+            if isinstance(value, str) and value:
+                return host.checkpoint_by_name(value, field).name
+            return value
+        return map_models(out, name)
 
     def _model(self):
         model = host.loaded_model()
@@ -185,11 +192,11 @@ class Service:
     def test_merge(self, params: dict[str, Any], keep_base: bool = False) -> dict:
         t0 = time.perf_counter()
         model = self._model()
-        a_name = params.get("model_a")
-        if a_name:
-            info = host.checkpoint_by_name(a_name, "model_a")
+        field, a_name = first_a(params)  # a chain starts from its first leaf: the loaded checkpoint
+        if isinstance(a_name, str) and a_name.strip():
+            info = host.checkpoint_by_name(a_name, field)
             if os.path.realpath(info.filename) != os.path.realpath(model.sd_checkpoint_info.filename):
-                raise Conflict(f"model_a is not the loaded checkpoint; load it first, model_a: {a_name!r}")
+                raise Conflict(f"{field} is not the loaded checkpoint; load it first, {field}: {a_name!r}")
         recipe = to_recipe({k: v for k, v in params.items() if k not in ("output", "overwrite")},
                            self.resolve_model, model.sd_checkpoint_info.filename, resolve_lora=self.lora_resolver())
         t_setup = time.perf_counter()
@@ -247,10 +254,11 @@ class Service:
         loaded_path = model.sd_checkpoint_info.filename if model is not None and getattr(model, "sd_checkpoint_info", None) else None
         recipe = to_recipe(p, self.resolve_model, loaded_path, resolve_lora=self.lora_resolver())
         live = self.session.recipe if params is None and self.session is not None else None
-        if live is not None and recipe.seed is None and live.seed is not None:
-            recipe = replace(recipe, seed=live.seed)  # random ratios: the numbers that were previewed
+        if live is not None:
+            recipe = live_seeds(recipe, live)  # random ratios: the numbers that were previewed
         out = output_path(output, host.models_dir())
-        protected = [os.path.realpath(m) for m in recipe.models] + ([os.path.realpath(loaded_path)] if loaded_path else [])
+        leaves = [path for _, path in recipe.leaves()]  # every file of a chain is an input
+        protected = [os.path.realpath(m) for m in leaves] + ([os.path.realpath(loaded_path)] if loaded_path else [])
         if os.path.realpath(out) in protected:
             raise MergeError(f"will not overwrite the loaded checkpoint or an input of the merge, output: {out.name}")
         device = "cpu"  # saves of a live merge compute on the live merge's device type (same numbers)
@@ -264,7 +272,7 @@ class Service:
             self._progress("idle")
         for path, n in (res.bytes_read or {}).items():
             self.file_bytes_read[path] = self.file_bytes_read.get(path, 0) + n
-        self._copy_config(Path(recipe.models[0]), out, model)
+        self._copy_config(Path(leaves[0]), out, model)
         self._register(out, res.sha256, model)
         return {"name": out.name, "path": str(out), "sha256": res.sha256, "short_hash": res.short_hash,
                 "seconds": round(time.perf_counter() - t0, 3), "recipe": json.loads(res.metadata["blockmerge_recipe"])}
@@ -302,8 +310,7 @@ class Service:
         output = p.pop("output", None)
         overwrite = flag(p, "overwrite")
         p.pop("overwrite", None)
-        if not p.get("model_a"):
-            raise MergeError("model_a is required for a file merge, model_a")
+        need_model_a(p)
         p.setdefault("vae", "merge")
         return self.save(output, overwrite, params=p)
 
@@ -339,13 +346,7 @@ class Service:
         recipe = self.recipe_json()
         if recipe is None or not self.status()["live"]:
             return {}
-        recipe["models"] = [os.path.basename(m) for m in recipe.get("models") or []]
-        if recipe.get("bake_vae"):
-            recipe["bake_vae"] = os.path.basename(recipe["bake_vae"])
-        if recipe.get("lora"):
-            names = self._lora_names()
-            for e in recipe["lora"]:
-                e["path"] = names.get(os.path.realpath(e["path"]), os.path.basename(e["path"]))
+        public(recipe, self._lora_names() if _has_lora(recipe) else {})
         text = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
         return {"BlockMerge": text, "BlockMerge hash": hashlib.sha256(text.encode()).hexdigest()[:10]}
 
@@ -414,7 +415,7 @@ class Service:
         self.generation_params = None
         if fields and self.live_params is not None:
             info = host.loaded_model().sd_checkpoint_info  # pinned: a re-apply must never merge another A
-            self.generation_params = {**self.live_params, "model_a": info.name}
+            self.generation_params = pin_first_a(self.live_params, info.name)  # a chain's first leaf
         return fields
 
     def ensure_applied(self, p) -> None:
@@ -434,6 +435,87 @@ class Service:
                 extra.pop(k, None)
             self.last_message = f"merge lost by a checkpoint reload and not re-applied: {e}"
             host.state().interrupt()
+
+    # -- merge chains (the tab's "Merge again from the preview") -----------------------------------------------
+    def chain_from_live(self) -> dict:
+        """The live merge becomes model A of the tab's next Test merge (and Merge to file): its settings, A
+        pinned to the loaded checkpoint, the seed it drew (random ratios re-run as previewed)."""
+        if not self.status()["live"] or self.live_params is None:
+            raise Conflict("no test merge is live: run Test merge first, then merge again from its preview")
+        step = pin_first_a(self.live_params, host.loaded_model().sd_checkpoint_info.name)
+        seed = (self.recipe_json() or {}).get("seed")
+        if step.get("seed") is None and seed is not None:
+            step["seed"] = seed
+        step.pop("dtype", None)  # a step's result stays in A's dtype as the preview held it, not the save dtype
+        self.chain_base = step
+        self.last_message = f"next merges start from {self.chain_text()}"
+        return self.chain_base
+
+    def clear_chain(self) -> None:
+        self.chain_base = None
+
+    def chain_text(self) -> str:
+        """``(synthA × synthB, GRAD_V)``: the chain base in a few words ("" when there is none)."""
+        if self.chain_base is None:
+            return ""
+        model = host.loaded_model()
+        info = getattr(model, "sd_checkpoint_info", None) if model is not None else None
+        arch = ARCHS["sdxl" if getattr(model, "is_sdxl", False) else "sd1"]
+        return describe(self.chain_base, getattr(info, "name", None), lambda text: preset_named(text, arch))
+
+    def chained(self, params: dict) -> dict:
+        """A tab request with the chain base as its model A (unchanged when there is no chain)."""
+        if self.chain_base is None:
+            return params
+        return {**params, "model_a": {"recipe": dict(self.chain_base)}}
+
+
+def preset_named(weights: str, arch) -> str | None:
+    """The preset whose vector ``weights`` is (the tab sends a chosen preset as its values), else None."""
+    try:
+        vec = parse_weights(weights, arch, 0.5)
+    except MergeError:
+        return None
+    for name in presets.names(arch):
+        want = presets.resolve(name, arch)
+        if len(want) == len(vec) and all(abs(x - y) <= 1e-9 for x, y in zip(vec, want)):
+            return name
+    return None
+
+
+def need_model_a(params: dict, path: str = "") -> None:
+    """A file merge names model A in every step (no loaded checkpoint stands in for it)."""
+    if not params.get("model_a"):
+        raise MergeError(f"model_a is required for a file merge, {path}model_a")
+    for field, value in model_slots(params):
+        body = step_body(value)
+        if body is not None:
+            need_model_a(body, f"{path}{field}.recipe.")
+
+
+def live_seeds(recipe: Recipe, live: Recipe) -> Recipe:
+    """``recipe`` with the seeds the live merge drew where it gives none, in every step of a chain."""
+    models = [live_seeds(m, lm) if isinstance(m, Recipe) and isinstance(lm, Recipe) else m
+              for m, lm in zip(recipe.models, live.models)] + list(recipe.models[len(live.models):])
+    seed = live.seed if recipe.seed is None else recipe.seed
+    return replace(recipe, models=models, seed=seed)
+
+
+def _has_lora(recipe: dict) -> bool:
+    return bool(recipe.get("lora")) or any(isinstance(m, dict) and _has_lora(m["recipe"])
+                                           for m in recipe.get("models") or [])
+
+
+def public(recipe: dict, lora_names: dict[str, str]) -> dict:
+    """A recipe's JSON form (``Recipe.to_dict``) for infotexts, in place: file names, never paths (infotexts
+    travel inside shared images), LoRAs by their name in the LoRA list; nested steps alike."""
+    recipe["models"] = [{"recipe": public(m["recipe"], lora_names)} if isinstance(m, dict) else os.path.basename(m)
+                        for m in recipe.get("models") or []]
+    if recipe.get("bake_vae"):
+        recipe["bake_vae"] = os.path.basename(recipe["bake_vae"])
+    for e in recipe.get("lora") or []:
+        e["path"] = lora_names.get(os.path.realpath(e["path"]), os.path.basename(e["path"]))
+    return recipe
 
 
 SERVICE = Service()

@@ -216,6 +216,14 @@ def status_html(text: str, error: bool = False) -> str:
     return f'<div class="blockmerge-status {cls}">{html.escape(text)}</div>'
 
 
+def chain_html(text: str) -> str:
+    """The chain base above the buttons: what the next Test merge (and Merge to file) merges on top of."""
+    if not text:
+        return '<div class="blockmerge-chain"></div>'
+    return (f'<div class="blockmerge-chain">Base: {html.escape(text)} → this merge '
+            f'(Test merge and Merge to file use it as model A)</div>')
+
+
 def build_params(model_a, model_b, model_c, mode, alpha, beta, use_blocks, weights_alpha, weights_beta, layout,
                  subtargets, elemental, dtype, vae, *adjust, method: str | None = None, params: dict | None = None,
                  seed: int | None = None, more_models: list[str] | None = None) -> dict[str, Any]:
@@ -366,6 +374,12 @@ def create_tab():
             save_btn = gr.Button("Save", elem_id="blockmerge_save")
             file_btn = gr.Button("Merge to file (A B C)", elem_id="blockmerge_merge_file")
             stop_btn = gr.Button("Stop", elem_id="blockmerge_stop")
+        with gr.Row():
+            chain_btn = gr.Button("Merge again from the preview", elem_id="blockmerge_chain",
+                                  interactive=bool(SERVICE.status()["live"]))
+            clear_chain_btn = gr.Button("Clear chain", elem_id="blockmerge_clear_chain",
+                                        visible=bool(SERVICE.chain_text()))
+        chain_info = gr.HTML(chain_html(SERVICE.chain_text()), elem_id="blockmerge_chain_info")
         status = gr.HTML(status_html("ready"), elem_id="blockmerge_status")
         from .lora_ui import bake_request, lora_accordion  # imports this module: built here, not at import time
         lora = lora_accordion()
@@ -513,21 +527,39 @@ def create_tab():
 
         def do_test(info, *args):
             try:
-                params = request(None, args)
+                params = SERVICE.chained(request(None, args))  # a chain base is model A
                 res = SERVICE.test_merge(params)
             except MergeError as e:
-                return [gr.update(), gr.update(), gr.update(), status_html(str(e), True)]
+                return [gr.update(), gr.update(), gr.update(), gr.update(), status_html(str(e), True)]
             notes = ("; " + "; ".join(res["notes"])) if res["notes"] else ""
             marks = stale_preview(info, "Test merge") if res.get("written") else [gr.update(), gr.update()]
-            return marks + [recorded_seed(res), status_html(res["message"] + notes)]  # status last: _gpu_wrap
+            return marks + [recorded_seed(res), gr.update(interactive=bool(res.get("live"))),
+                            status_html(res["message"] + notes)]  # status last: _gpu_wrap
 
         def do_restore(info):
             try:
                 res = SERVICE.restore()
             except MergeError as e:
-                return [gr.update(), gr.update(), status_html(str(e), True)]
+                return [gr.update(), gr.update(), gr.update(), status_html(str(e), True)]
             marks = stale_preview(info, "Restore") if res.get("restored") else [gr.update(), gr.update()]
-            return marks + [status_html(res["message"])]
+            return marks + [gr.update(interactive=False), status_html(res["message"])]
+
+        def do_chain():
+            try:
+                SERVICE.chain_from_live()
+            except MergeError as e:
+                return [gr.update(), gr.update(), status_html(str(e), True)]
+            text = SERVICE.chain_text()
+            again = [n for n, f in (("LoRAs", "lora"), ("Adjust", "adjust")) if (SERVICE.chain_base or {}).get(f)]
+            note = (f"; the chain already holds its {' and '.join(again)}: clear them in the tab unless you want them "
+                    f"applied again" if again else "")
+            return [chain_html(text), gr.update(visible=True),
+                    status_html(f"the next Test merge merges on top of {text}: choose B, mode and weights{note}")]
+
+        def do_clear_chain():
+            SERVICE.clear_chain()
+            return [chain_html(""), gr.update(visible=False),
+                    status_html("chain cleared: Test merge starts from the loaded checkpoint again")]
 
         def do_save(name, over, *args):
             try:
@@ -541,7 +573,7 @@ def create_tab():
 
         def do_file_merge(name, over, *args):
             try:
-                p = request(args[0], args)
+                p = SERVICE.chained(request(args[0], args))  # a chain base replaces the A dropdown
                 p["output"], p["overwrite"] = name, bool(over)
                 res = SERVICE.merge_file(p)
             except MergeError as e:
@@ -563,10 +595,12 @@ def create_tab():
                                                       else " with the original weights"))]
 
         gpu = _gpu_wrap
-        test_btn.click(fn=gpu(do_test, [image, infotext, merge_seed_box, status]), inputs=[infotext] + common,
-                       outputs=[image, infotext, merge_seed_box, status])
-        restore_btn.click(fn=gpu(do_restore, [image, infotext, status]), inputs=[infotext],
-                          outputs=[image, infotext, status])
+        test_btn.click(fn=gpu(do_test, [image, infotext, merge_seed_box, chain_btn, status]),
+                       inputs=[infotext] + common, outputs=[image, infotext, merge_seed_box, chain_btn, status])
+        restore_btn.click(fn=gpu(do_restore, [image, infotext, chain_btn, status]), inputs=[infotext],
+                          outputs=[image, infotext, chain_btn, status])
+        chain_btn.click(fn=do_chain, inputs=[], outputs=[chain_info, clear_chain_btn, status])
+        clear_chain_btn.click(fn=do_clear_chain, inputs=[], outputs=[chain_info, clear_chain_btn, status])
         save_btn.click(fn=gpu(do_save, [model_a, model_b, model_c, status]), inputs=[output, overwrite] + common,
                        outputs=[model_a, model_b, model_c, status])
         file_btn.click(fn=gpu(do_file_merge, [model_a, model_b, model_c, merge_seed_box, status]),
@@ -584,7 +618,8 @@ def create_tab():
                                  "infotext": infotext, "editing": editing, "layout": layout,
                                  "curve": curve, "method": method, "merge_seed": merge_seed_box,
                                  "param_groups": param_groups, "param_controls": param_ctls,
-                                 "lora": lora,
+                                 "lora": lora, "chain": chain_btn, "clear_chain": clear_chain_btn,
+                                 "chain_info": chain_info,
                                  "buttons": [test_btn, preview_btn, restore_btn, save_btn, file_btn,
                                                              stop_btn]}
     return tab

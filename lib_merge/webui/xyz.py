@@ -24,6 +24,7 @@ from ..methods.registry import METHODS, Method, get_method
 from ..options import SUBTARGETS, check_subtargets
 from ..weights import format_vector, parse_number, parse_weights
 from . import host
+from .chain import step_body
 from .service import SERVICE
 
 PREFIX = "BlockMerge: "
@@ -269,9 +270,11 @@ def unregister() -> None:
 
 # -- per cell ------------------------------------------------------------------------------------------------
 def cell_params(base: dict | None, axes: dict[str, Any], arch_name: str) -> dict:
-    """The merge settings of one cell: the base recipe with the axes' values on top."""
+    """The merge settings of one cell: the base recipe with the axes' values on top. A nested base (a chain,
+    ``model_a: {"recipe": …}``) stays model A: the axes set the outer step's fields, the cells merge on top of it."""
     p = dict(base or {"mode": "weighted_sum", "alpha": 0.5})
-    p.pop("model_a", None)
+    if step_body(p.get("model_a")) is None:
+        p.pop("model_a", None)  # the loaded checkpoint
     for k in ("model_b", "model_c", "mode", "alpha", "beta", "elemental", "seed", "adjust"):
         if k in axes:
             p[k] = axes[k]
