@@ -139,3 +139,15 @@ def test_the_chain_must_start_from_the_loaded_checkpoint(live, models):
     bad = Recipe(models=[str(models["sd15_a"]), str(models["sdxl_b"])])
     with pytest.raises(MergeError, match="in the recipe of model B: architectures differ"):
         session.apply(Recipe(models=[str(models["sd15_a"]), bad]))
+
+
+def test_seeds_drawn_inside_a_step_are_recorded_and_re_merges_stay_put(live, models, tmp_path):
+    """Random ratios in a nested step without a seed: the seed drawn is recorded in the session's recipe, so the
+    recorded chain re-applies with nothing to write and its file merge equals the preview."""
+    session, module = live
+    step = Recipe(models=m(models, "sd15_a", "sd15_b"), weights=",".join(["R"] * 26))
+    session.apply(Recipe(models=[step, str(models["sd15_c"])], alpha=0.5))
+    recorded = session.recipe
+    assert recorded.seed is None and isinstance(recorded.models[0].seed, int)
+    assert session.apply(recorded).written == 0
+    assert_equals_file(module, recorded, tmp_path)

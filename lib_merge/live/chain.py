@@ -9,6 +9,7 @@ recomputes a key exactly when something it depends on changed, at any depth.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Callable, Iterable, Union
 
 import torch
@@ -46,6 +47,11 @@ class ChainInput:
         self._source = RecipeSource(self.name, self.plan, self.plan.arrange(srcs), None)
         self._last: tuple[str, torch.Tensor] | None = None  # the last whole value computed (read in chunks)
         self._lock = threading.Lock()
+
+    def recorded(self) -> Recipe:
+        """The step as it was computed: the seeds its random ratios were drawn with filled in, nested steps too
+        (so a Save or a later re-merge of the recorded recipe gives the previewed numbers)."""
+        return recorded_tree(self.recipe, self.inputs, self.plan)
 
     @property
     def device(self) -> torch.device:
@@ -129,3 +135,10 @@ def leaf_caches(inputs: Iterable[LiveInput]) -> list[TensorCache]:
     for c in inputs:
         out += c.leaf_caches() if isinstance(c, ChainInput) else [c]
     return out
+
+
+def recorded_tree(recipe: Recipe, inputs: list[LiveInput], plan) -> Recipe:
+    """``recipe`` with its nested steps recorded (:meth:`ChainInput.recorded`) and the seed ``plan`` drew."""
+    models = [c.recorded() if isinstance(c, ChainInput) else m for m, c in zip(recipe.models, inputs)]
+    seed = plan.seed if plan.random is not None else recipe.seed
+    return replace(recipe, models=models, seed=seed)

@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
@@ -27,7 +27,7 @@ from ..plan import KeyPlan, Plan, build_plan
 from ..recipe import Recipe
 from ..roles import role
 from .cache import SourceId, TensorCache
-from .chain import ChainInput, LiveInput, input_id, leaf_caches
+from .chain import ChainInput, LiveInput, input_id, leaf_caches, recorded_tree
 from .policy import CachePolicy
 
 CHUNK = 1 << 20  # elements per chunk (4 MiB of fp32): cache-friendly, and few GIL round trips per tensor
@@ -337,8 +337,8 @@ class LiveSession:
             finally:
                 self.target.written([k for k, _ in done])
             with self._state:
-                if plan.random is not None:  # the seed random ratios were drawn with, so the recipe re-runs
-                    recipe = replace(recipe, seed=plan.seed)
+                # the seeds random ratios were drawn with (nested steps too), so the recipe re-runs
+                recipe = recorded_tree(recipe, caches, plan)
                 self.recipe, self.plan, self._prev = recipe, plan, (plan, used)
             self._materialize_later()
             report.written = len(done)
