@@ -363,6 +363,7 @@ def create_tab():
             test_btn = gr.Button("Test merge", variant="primary", elem_id="blockmerge_test")
             preview_btn = gr.Button("Preview", elem_id="blockmerge_preview")
             restore_btn = gr.Button("Restore", elem_id="blockmerge_restore")
+            free_btn = gr.Button("Free memory", elem_id="blockmerge_free")
             save_btn = gr.Button("Save", elem_id="blockmerge_save")
             file_btn = gr.Button("Merge to file (A B C)", elem_id="blockmerge_merge_file")
             stop_btn = gr.Button("Stop", elem_id="blockmerge_stop")
@@ -529,6 +530,15 @@ def create_tab():
             marks = stale_preview(info, "Restore") if res.get("restored") else [gr.update(), gr.update()]
             return marks + [status_html(res["message"])]
 
+        def do_free():
+            """Outputs (infotext, status): ``wrap_gradio_gpu_call`` turns a result into a list, so a handler under
+            it returns a list; the infotext is left as it is (the live weights do not change)."""
+            try:
+                res = SERVICE.free()
+            except MergeError as e:
+                return [gr.update(), status_html(str(e), True)]
+            return [gr.update(), status_html(res["message"])]
+
         def do_save(name, over, *args):
             try:
                 p = request(None, args)
@@ -567,6 +577,7 @@ def create_tab():
                        outputs=[image, infotext, merge_seed_box, status])
         restore_btn.click(fn=gpu(do_restore, [image, infotext, status]), inputs=[infotext],
                           outputs=[image, infotext, status])
+        free_btn.click(fn=gpu(do_free, [infotext, status]), inputs=[], outputs=[infotext, status])
         save_btn.click(fn=gpu(do_save, [model_a, model_b, model_c, status]), inputs=[output, overwrite] + common,
                        outputs=[model_a, model_b, model_c, status])
         file_btn.click(fn=gpu(do_file_merge, [model_a, model_b, model_c, merge_seed_box, status]),
@@ -585,8 +596,8 @@ def create_tab():
                                  "curve": curve, "method": method, "merge_seed": merge_seed_box,
                                  "param_groups": param_groups, "param_controls": param_ctls,
                                  "lora": lora,
-                                 "buttons": [test_btn, preview_btn, restore_btn, save_btn, file_btn,
-                                                             stop_btn]}
+                                 "buttons": [test_btn, preview_btn, restore_btn, free_btn, save_btn, file_btn,
+                                             stop_btn]}
     return tab
 
 
