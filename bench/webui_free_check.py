@@ -5,7 +5,8 @@
 Test-merges A + B, waits for the caches to be copied into RAM (GET status), frees (POST free) and compares the
 bytes the route says it freed with the drop of the WebUI process's anonymous memory (RssAnon, /proc/PID/status);
 then test-merges with another alpha (every tensor recomputed, B read from its file again) and with the first
-alpha again (same fingerprint as the first merge), restores (bit-exact)
+alpha again (same fingerprint as the first merge), test-merges GRAD_V (BASE and M00 back to A: A's tensors of
+those keys go at the next free) and frees, restores (bit-exact)
 and frees again (nothing is kept with nothing merged). PASS when each drop is at least 90 % of the bytes freed.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -41,12 +43,29 @@ def wait_copied(bm: str, timeout: float = 600) -> dict:
         time.sleep(0.5)
 
 
+def peak_during(pid: int, fn):
+    """``fn()`` and the highest RssAnon seen while it ran (sampled every 10 ms)."""
+    peak, stop = [rss_anon(pid)], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_anon(pid))
+            time.sleep(0.01)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        return fn(), peak[0]
+    finally:
+        stop.set()
+        t.join()
+
+
 def free_and_measure(bm: str, pid: int, label: str) -> tuple[bool, dict]:
     """POST free between two RssAnon reads; print the figures side by side; PASS/FAIL on the drop."""
     st = wait_copied(bm)
     time.sleep(1.0)  # let the WebUI settle (gradio's own threads allocate a little)
     before = rss_anon(pid)
-    code, r, s = call(bm + "/free", "POST", {})
+    (code, r, s), peak = peak_during(pid, lambda: call(bm + "/free", "POST", {}))
     time.sleep(0.5)
     after = rss_anon(pid)
     freed, kept = r.get("freed_bytes", 0), r.get("cache_bytes", -1)
@@ -59,6 +78,7 @@ def free_and_measure(bm: str, pid: int, label: str) -> tuple[bool, dict]:
           f"{gb(drop):>12} {share:>10.1%}")
     ok = code == 200 and freed > 0 and drop >= MIN_SHARE * freed
     print(f"{'PASS' if ok else 'FAIL'}: RssAnon dropped {gb(drop)} >= {MIN_SHARE:.0%} of the {gb(freed)} freed ({label})")
+    print(f"  RssAnon peak during the request: {gb(peak)} ({gb(peak - before)} above the level before)")
     return ok, r
 
 
@@ -108,6 +128,21 @@ def main() -> int:
           f"fingerprint {fp2['fingerprint'][:16]}")
     print(f"{'PASS' if code == 200 and same else 'FAIL'}: the test merge after free equals the first one (fingerprint)")
     ok &= code == 200 and same
+
+    # GRAD_V puts BASE (text encoder) and M00 back to A: A's tensors of those keys are no longer needed
+    code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "preset": "GRAD_V"})
+    print(f"POST test GRAD_V: HTTP {code}, {r.get('written')} written, {s:.2f} s; {r.get('message')!r}")
+    ok &= code == 200
+    code_fp, fp_v, _ = call(bm + "/fingerprint")
+    passed, _ = free_and_measure(bm, args.pid, "GRAD_V live: B's tensors and A's of BASE and M00 go")
+    ok &= passed
+    code_a, r_a, _ = call(bm + "/test", "POST", {"model_b": args.b, "preset": "GRAD_A"})
+    code, r, s = call(bm + "/test", "POST", {"model_b": args.b, "preset": "GRAD_V"})
+    code_fp, fp_v2, _ = call(bm + "/fingerprint")
+    same = code_a == code == 200 and fp_v2["fingerprint"] == fp_v["fingerprint"]
+    print(f"{'PASS' if same else 'FAIL'}: after that free, GRAD_A (HTTP {code_a}, {r_a.get('written')} written) then "
+          f"GRAD_V again (HTTP {code}, {r.get('written')} written) gives the GRAD_V weights of before (fingerprint)")
+    ok &= same
 
     code, r, s = call(bm + "/restore", "POST", {})
     code_fp, fp3, _ = call(bm + "/fingerprint")

@@ -460,14 +460,15 @@ class LiveSession:
             self._stop_copier()
             keep = set(self.merged_keys())
             live = list(self._prev[1]) if self._prev is not None and keep else []
-            freed = self.a.drop(keep)
+            freed = 0
             for path, c in list(self.others.items()):
                 freed += c.drop()
                 if not any(c is used for used in live):
                     with self._state:
                         del self.others[path]
                     c.close()
-            if self.policy is CachePolicy.GPU and torch.cuda.is_available():
+            freed += self.a.drop(keep)  # last: the copies it may make come after B's memory went back
+            if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()  # the allocator's cached blocks: VRAM really goes back
             pages.trim_heap()
             self._materialize_later()  # ``cpu``: kept tensors still mapped (a copy was stopped) go on to RAM
