@@ -31,6 +31,12 @@ def rss_anon(pid: int) -> int:
     return proc_memory(pid)["RssAnon"]
 
 
+def disk_reads(pid: int) -> int:
+    """Bytes the process made the kernel read from disk (page-cache misses), /proc/PID/io."""
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
 def wait_copied(bm: str, timeout: float = 600) -> dict:
     """GET status until the background copy into RAM is done; the last status."""
     t0 = time.perf_counter()
@@ -115,11 +121,11 @@ def main() -> int:
 
     # another alpha first: every tensor is recomputed from B read again (the same recipe would write nothing)
     other = {**body, "alpha": round(1 - args.alpha / 2, 3)}
-    reads0 = sum(call(bm + "/status")[1]["bytes_read"].values())
+    reads0, disk0 = sum(call(bm + "/status")[1]["bytes_read"].values()), disk_reads(args.pid)
     code, r, s = call(bm + "/test", "POST", other)
-    reads1 = sum(call(bm + "/status")[1]["bytes_read"].values())
+    reads1, disk1 = sum(call(bm + "/status")[1]["bytes_read"].values()), disk_reads(args.pid)
     print(f"POST test {other} after free: HTTP {code}, {r.get('written')} written, {s:.2f} s, "
-          f"read {gb(reads1 - reads0)} from the files")
+          f"read {gb(reads1 - reads0)} from the files ({gb(disk1 - disk0)} of it from disk: not in the page cache)")
     ok &= code == 200
     code, r, s = call(bm + "/test", "POST", body)
     code_fp, fp2, _ = call(bm + "/fingerprint")
