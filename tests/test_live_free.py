@@ -273,3 +273,34 @@ def test_gpu_caches_give_their_memory_back(models, sd15_listing):
     session.restore()
     assert fp(module) == original
     session.close()
+
+
+def test_free_with_a_chain_live_keeps_its_files_registered_and_rolls_back_exactly(live, models, tmp_path):
+    """A merge chain's B and C are leaves inside a nested recipe: Free keeps their (emptied) caches registered like
+    any input of the live merge, a changed leaf still blocks, and an interrupted re-merge rolls back bit for bit."""
+    import os
+    import shutil
+    import time
+    session, module = live
+    original = fp(module)
+    c2 = tmp_path / "c2.safetensors"
+    shutil.copy(models["sd15_c"], c2)
+    step1 = Recipe(models=[str(models["sd15_a"]), str(models["sd15_b"])], alpha=0.3)
+    chain = Recipe(models=[step1, str(c2)], alpha=0.5)
+    session.apply(chain)
+    merged = fp(module)
+    session.free()
+    assert set(session.others) == {str(models["sd15_b"].resolve()), str(c2.resolve())}
+    assert all(len(c) == 0 for c in session.others.values())
+    calls = []
+    with pytest.raises(MergeInterrupted):
+        session.apply(Recipe(models=[step1, str(c2)], alpha=0.8), cancel=lambda: calls.append(1) or len(calls) > 40)
+    assert fp(module) == merged
+    session.free()
+    shutil.copy(models["sd15_b"], tmp_path / "new")
+    os.utime(tmp_path / "new", ns=(time.time_ns(), time.time_ns() + 10**9))
+    os.replace(tmp_path / "new", c2)
+    with pytest.raises(MergeError, match=r"changed on disk while the live merge was made from it; Restore first, "):
+        session.apply(recipe(models, alpha=0.3))
+    session.restore()
+    assert fp(module) == original

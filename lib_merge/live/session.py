@@ -459,7 +459,7 @@ class LiveSession:
         with self.lock:
             self._stop_copier()
             keep = set(self.merged_keys())
-            live = list(self._prev[1]) if self._prev is not None and keep else []
+            live = leaf_caches(self._prev[1]) if self._prev is not None and keep else []
             freed = 0
             for path, c in list(self.others.items()):
                 freed += c.drop()
