@@ -3,10 +3,11 @@
     <harness venv>/bin/python bench/webui_tab_check.py [--url http://127.0.0.1:7860/] [--b synthB] [--out DIR]
 
 Opens the WebUI, clicks the BlockMerge tab, picks model B and preset GRAD_V, ticks "Block weights", sets a
-64x64 2-step preview, clicks Test merge, Preview, Save, Restore, and after each click waits for the tab's status
-line. Checks against the HTTP API: weights merged after Test merge, the preview's infotext carries the recipe,
-the saved file is registered, Restore brings back the original fingerprint, and Stop clicked during a Test
-merge leaves the weights as they were. Screenshots go to --out.
+64x64 2-step preview, clicks Test merge, Preview, Save, Restore, Stop, Free memory, and after each click waits for
+the tab's status line. Checks against the HTTP API: weights merged after Test merge, the preview's infotext
+carries the recipe, the saved file is registered, Restore brings back the original fingerprint, Stop clicked
+during a Test merge leaves the weights as they were, and Free memory then empties the caches. Screenshots go to
+--out.
 Needs Debian's chromium and the `websockets` package (>= 11; the harness venv has it).
 """
 from __future__ import annotations
@@ -217,6 +218,15 @@ def main() -> int:
         print(f"Test merge with Stop clicked: status: {s}", flush=True)
         check("Stop interrupts a Test merge and the weights stay as they were",
               "interrupted" in s and get(bm + "/fingerprint")["fingerprint"] == fp0)
+
+        held = get(bm + "/status")["cache_bytes"]
+        t = time.time()
+        page.click("#blockmerge_free")
+        s = page.wait_status("freed", 120)
+        print(f"Free memory clicked: {time.time() - t:.1f} s; status: {s}", flush=True)
+        check(f"Free memory empties the caches with nothing merged ({held / 1e9:.2f} GB before)",
+              "caches 0 MB" in s and get(bm + "/status")["cache_bytes"] == 0)
+        page.screenshot(out / "4_freed.png")
     finally:
         proc.terminate()
         proc.wait(10)

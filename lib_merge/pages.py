@@ -50,3 +50,27 @@ def advise(t: torch.Tensor, advice: int) -> bool:
     if t.device.type != "cpu" or not t.is_contiguous():
         return False
     return advise_range(t.data_ptr(), t.numel() * t.element_size(), advice)
+
+
+def _libc_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def trim_heap() -> bool:
+    """Give the malloc heap's free pages back to the system (glibc ``malloc_trim(0)``). Freed tensors below
+    glibc's mmap threshold live in the heap, whose free pages otherwise stay in the process's anonymous memory.
+    True when some memory was released; False where there is no glibc."""
+    if _MALLOC_TRIM is None:
+        return False
+    return _MALLOC_TRIM(0) == 1

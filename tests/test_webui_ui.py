@@ -36,7 +36,7 @@ def test_entry_script_registers_tab_and_settings(stub):
     assert set(c["model_b"].choices) >= {"synthA.safetensors", "synthB.safetensors"} or \
         set(x[0] if isinstance(x, tuple) else x for x in c["model_b"].choices) >= {"synthA.safetensors", "synthB.safetensors"}
     labels = [b.value for b in c["buttons"]]
-    assert labels == ["Test merge", "Preview", "Restore", "Save", "Merge to file (A B C)", "Stop"]
+    assert labels == ["Test merge", "Preview", "Restore", "Free memory", "Save", "Merge to file (A B C)", "Stop"]
     assert "GRAD_V" in [x[0] if isinstance(x, tuple) else x for x in c["preset"].choices]
     assert isinstance(c["curve"], gr.HTML) and "<svg" in c["curve"].value
     # the AlwaysOn script adds the recipe to infotexts only while a merge is live
@@ -254,6 +254,32 @@ def test_restore_marks_the_preview_as_the_previous_weights(live_tab):
     assert "BlockMerge" not in t[info] and t.prop(image, "label") == "Preview"
     t.fire(test, "click")  # a new merge: the preview of the original weights is marked too
     assert t.prop(info, "label") == "Infotext (weights before the last Test merge)"
+
+
+def test_free_memory_button_frees_the_caches_and_the_status_line_shows_their_size(live_tab):
+    from lib_merge.webui import ui
+    from lib_merge.webui.service import size_text
+    t = live_tab
+    c, status = t.c, t.c["status"]
+    by_label = {b.value: b for b in c["buttons"]}
+    t.fire(by_label["Free memory"], "click")  # no test merge yet: nothing cached
+    assert ui.status_html("freed 0 MB; caches 0 MB") in t[status]
+    t[c["model_b"]] = "synthB"
+    t.fire(by_label["Test merge"], "click")
+    assert "test merge live" in t[status] and "; caches " in t[status]
+    session = ui.SERVICE.session
+    assert session.wait_cached(60)
+    held = session.cache_bytes()
+    assert held > 0
+    t.fire(by_label["Free memory"], "click")
+    kept = session.cache_bytes()
+    assert 0 < kept < held
+    assert ui.status_html(f"freed {size_text(held - kept)}; caches {size_text(kept)} "
+                          "(the live merge's restore source)") in t[status]
+    t.fire(by_label["Restore"], "click")
+    assert "original weights restored" in t[status] and f"caches {size_text(kept)}" in t[status]
+    t.fire(by_label["Free memory"], "click")
+    assert ui.status_html(f"freed {size_text(kept)}; caches 0 MB") in t[status] and session.cache_bytes() == 0
 
 
 def test_adjust_sliders_reach_the_merge_and_reset(live_tab):

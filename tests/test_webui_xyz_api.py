@@ -254,6 +254,62 @@ def test_api_takes_the_queue_lock(client, webui):
     assert done and done[0].status_code == 200
 
 
+def test_api_free_reports_the_bytes_and_status_shows_the_caches_size(client, webui):
+    from lib_merge.webui.service import SERVICE
+    r = client.post("/blockmerge/v1/free")  # nothing cached yet; no body needed
+    assert r.status_code == 200 and r.json()["freed_bytes"] == 0 and r.json()["cache_bytes"] == 0
+    assert "seconds" in r.json() and "queue_wait" in r.json()
+    st = client.get("/blockmerge/v1/status").json()
+    assert st["cache_bytes"] == 0 and st["cache_pending_bytes"] == 0
+    before = fp(webui["model"])
+    r = client.post("/blockmerge/v1/test", json={"model_b": "synthB", "alpha": 0.5})
+    assert r.status_code == 200 and "; caches " in r.json()["message"]
+    merged = fp(webui["model"])
+    assert SERVICE.session.wait_cached(60)
+    st = client.get("/blockmerge/v1/status").json()
+    held = st["cache_bytes"]
+    assert held == SERVICE.session.cache_bytes() > 0 and st["cache_pending_bytes"] == 0
+    r = client.post("/blockmerge/v1/free", json={})
+    kept = SERVICE.session.cache_bytes()
+    assert r.status_code == 200 and r.json()["freed_bytes"] == held - kept > 0 and r.json()["cache_bytes"] == kept > 0
+    assert client.get("/blockmerge/v1/status").json()["cache_bytes"] == kept
+    assert client.post("/blockmerge/v1/test", json={"model_b": "synthB", "alpha": 0.5}).status_code == 200
+    assert fp(webui["model"]) == merged  # a test merge after Free reads again and writes the same weights
+    client.post("/blockmerge/v1/restore")
+    assert fp(webui["model"]) == before
+    held = client.get("/blockmerge/v1/status").json()["cache_bytes"]
+    r = client.post("/blockmerge/v1/free")
+    assert r.json()["freed_bytes"] == held > 0 and r.json()["cache_bytes"] == 0
+    assert client.get("/blockmerge/v1/status").json()["cache_bytes"] == 0
+    r = client.post("/blockmerge/v1/free", json=[1])
+    assert r.status_code == 422 and r.json() == {"detail": "the request body must be a JSON object"}
+
+
+def test_api_free_takes_the_queue_lock(client, webui):
+    from modules import call_queue
+    done = []
+    call_queue.queue_lock.acquire()
+    t = threading.Thread(target=lambda: done.append(client.post("/blockmerge/v1/free")))
+    t.start()
+    time.sleep(0.5)
+    assert not done  # waits behind a "generation"
+    call_queue.queue_lock.release()
+    t.join(60)
+    assert done and done[0].status_code == 200
+
+
+def test_free_with_the_model_gone_drops_the_whole_session(client, webui, monkeypatch):
+    from lib_merge.webui import host
+    from lib_merge.webui.service import SERVICE
+    assert client.post("/blockmerge/v1/test", json={"model_b": "synthB", "alpha": 0.5}).status_code == 200
+    assert SERVICE.session.wait_cached(60)
+    held = SERVICE.session.cache_bytes()
+    monkeypatch.setattr(host, "loaded_model", lambda: None)  # unloaded (e.g. "Unload SD checkpoint to RAM")
+    r = client.post("/blockmerge/v1/free")
+    assert r.status_code == 200 and r.json()["freed_bytes"] == held and r.json()["cache_bytes"] == 0
+    assert SERVICE.session is None
+
+
 def test_api_answers_use_canonical_model_names(client, webui):
     """Any exact alias may name a model in a body; status and recipe answer with the checkpoint's name."""
     r = client.post("/blockmerge/v1/test", json={"model_b": "synthB", "alpha": 0.4})  # model_name alias

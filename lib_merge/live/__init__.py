@@ -7,8 +7,8 @@ back on interrupt, restore the original weights exactly.
 """
 from .cache import SourceId, TensorCache
 from .policy import CachePolicy
-from .session import (CHUNK, ORIGINAL, ApplyReport, LiveSession, LiveStatus, LiveTarget, Signature,
+from .session import (CHUNK, ORIGINAL, ApplyReport, FreeReport, LiveSession, LiveStatus, LiveTarget, Signature,
                       fingerprint)
 
-__all__ = ["CHUNK", "ORIGINAL", "ApplyReport", "CachePolicy", "LiveSession", "LiveStatus", "LiveTarget",
-           "Signature", "SourceId", "TensorCache", "fingerprint"]
+__all__ = ["CHUNK", "ORIGINAL", "ApplyReport", "CachePolicy", "FreeReport", "LiveSession", "LiveStatus",
+           "LiveTarget", "Signature", "SourceId", "TensorCache", "fingerprint"]

@@ -26,7 +26,7 @@ import torch
 from .. import pages
 from ..dtypes import ST_TO_TORCH
 from ..errors import MergeError
-from ..io.sources import Source, open_source
+from ..io.sources import Source, TensorDictSource, open_source
 from .policy import CachePolicy
 
 
@@ -210,6 +210,68 @@ class TensorCache:
                     self._mm = None  # unmapped once the last view is gone: the file's pages leave our RSS
             return copied
 
+    # -- memory ---------------------------------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        """Bytes of RAM or VRAM this cache holds: its copies, and an in-memory source's tensors (a ``.ckpt`` is
+        read whole). Views of the mapped file are no cost (page cache; :meth:`release` keeps them out of RSS).
+        Each piece of memory counts once."""
+        with self._lock:
+            held = [t for k, t in self._tensors.items() if k not in self._mapped]
+            src = self._src
+        if isinstance(src, TensorDictSource):
+            held.extend(src.tensors.values())
+        seen: dict[tuple[str, int], int] = {}
+        for t in held:
+            at = (str(t.device), t.data_ptr())
+            seen[at] = max(seen.get(at, 0), t.numel() * t.element_size())
+        return sum(seen.values())
+
+    def pending_bytes(self) -> int:
+        """Bytes of mapped tensors the copier is still to copy into RAM (0 unless the policy copies)."""
+        if not self.policy.copies_to_ram:
+            return 0
+        with self._lock:
+            views = [self._tensors[k] for k in self._mapped if k in self._tensors]
+        return sum(t.numel() * t.element_size() for t in views)
+
+    def drop(self, keep: Iterable[str] = ()) -> int:
+        """Drop every entry but ``keep`` and close the source; a later read maps or reads the file again (the
+        same values while the file is unchanged). Kept copies that share an arena with dropped ones are copied
+        out first, so that the whole arena goes back to the system. Returns the bytes let go (:meth:`held_bytes`
+        before minus after). Waits for a copy in progress to end (callers stop the copier first)."""
+        keep = set(keep)
+        with self._copying:
+            before = self.held_bytes()
+            with self._lock:
+                entries = dict(self._tensors)
+                mapped = set(self._mapped)
+            kept = {k: t for k, t in entries.items() if k in keep}
+            gone = {_storage(t) for k, t in entries.items() if k not in keep and k not in mapped}
+            shared = [k for k, t in kept.items() if k not in mapped and _storage(t) in gone]
+            kept.update(zip(shared, self._copies([kept[k] for k in shared])))
+            with self._lock:
+                self._tensors = kept
+                self._mapped = mapped & set(kept)
+                if not self._mapped:
+                    self._mm = None
+                src, self._src = self._src, None
+            del entries
+            if src is not None:
+                src.close()
+            return before - self.held_bytes()
+
+    def _copies(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Private copies of ``tensors`` (one new arena on the CPU)."""
+        if self.device.type != "cpu":
+            return [t.clone() for t in tensors]
+        slots = self._arena([t.numel() * t.element_size() for t in tensors])
+        out = []
+        for t, raw in zip(tensors, slots):
+            slot = raw.view(t.dtype)
+            slot.copy_(t.reshape(-1))
+            out.append(slot.view(t.shape))
+        return out
+
     # -- policy, validity, end ------------------------------------------------------------------------------
     def set_policy(self, policy: CachePolicy | str) -> None:
         """Keep the cache under another policy from now on (a changed setting). Entries move to the new device;
@@ -251,3 +313,8 @@ class TensorCache:
                 self._mm = None
         if src is not None:
             src.close()
+
+
+def _storage(t: torch.Tensor) -> tuple[str, int]:
+    """Where the memory behind ``t`` begins: tensors cut from one arena share it."""
+    return str(t.device), t.untyped_storage().data_ptr()

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from .. import pages
 from ..methods.compute import merge_tensors
 from ..dtypes import ST_TO_TORCH
 from ..errors import MergeError, MergeInterrupted
@@ -57,6 +58,14 @@ class LiveStatus:
     merged_tensors: int  # live parameters that hold something other than A's weights
     bytes_read: dict[str, int]  # real path -> bytes read from that file by this session's caches
     policy: CachePolicy
+    cache_bytes: int = 0  # RAM / VRAM the caches hold now (mapped file pages are no cost)
+    cache_pending: int = 0  # mapped bytes the background copier is still to copy into RAM
+
+
+@dataclass(frozen=True)
+class FreeReport:
+    bytes_freed: int  # RAM / VRAM the caches let go
+    bytes_kept: int  # what they still hold: A's tensors of the keys the live merge wrote (its restore source)
 
 
 @dataclass
@@ -148,12 +157,20 @@ class LiveSession:
         return {c.id.path: c.bytes_read for c in self._caches()}
 
     def snapshot(self) -> LiveStatus:
-        """The state a status poll shows, consistent at one instant; never waits for a running merge."""
+        """The state a status poll shows, consistent at one instant; never waits for a running merge. The caches'
+        sizes are read just after, each under its cache's own lock."""
         with self._state:
-            return LiveStatus(merged=self.recipe is not None,
+            caches = [self.a, *self.others.values()]
+            snap = LiveStatus(merged=self.recipe is not None,
                               merged_tensors=sum(1 for v in self.signatures.values() if v != ORIGINAL),
-                              bytes_read={c.id.path: c.bytes_read for c in [self.a, *self.others.values()]},
+                              bytes_read={c.id.path: c.bytes_read for c in caches},
                               policy=self.policy)
+        return replace(snap, cache_bytes=sum(c.held_bytes() for c in caches),
+                       cache_pending=sum(c.pending_bytes() for c in caches))
+
+    def cache_bytes(self) -> int:
+        """RAM / VRAM the caches hold now (copies; mapped file pages are no cost)."""
+        return sum(c.held_bytes() for c in self._caches())
 
     def merged_keys(self) -> list[str]:
         """Keys whose live parameter holds a merge now."""
@@ -431,6 +448,31 @@ class LiveSession:
             with self._state:
                 self.recipe, self.plan, self._prev = None, None, None
             return len(keys)
+
+    def free(self) -> FreeReport:
+        """Drop every cached tensor the live merge does not need, and give the memory back to the system.
+
+        Kept: A's tensors of the keys the live merge wrote (the restore source; nothing after Restore). B's and
+        C's tensors go: a later re-merge, or the rollback of an interrupted one, reads them from the files again
+        (the caches the live merge was made from stay registered, empty, so that a changed file is still
+        noticed before a rollback would read it). Caches of files the live merge does not use are closed."""
+        with self.lock:
+            self._stop_copier()
+            keep = set(self.merged_keys())
+            live = leaf_caches(self._prev[1]) if self._prev is not None and keep else []
+            freed = 0
+            for path, c in list(self.others.items()):
+                freed += c.drop()
+                if not any(c is used for used in live):
+                    with self._state:
+                        del self.others[path]
+                    c.close()
+            freed += self.a.drop(keep)  # last: the copies it may make come after B's memory went back
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # the allocator's cached blocks: VRAM really goes back
+            pages.trim_heap()
+            self._materialize_later()  # ``cpu``: kept tensors still mapped (a copy was stopped) go on to RAM
+            return FreeReport(bytes_freed=freed, bytes_kept=self.cache_bytes())
 
     @property
     def is_merged(self) -> bool:

@@ -114,6 +114,7 @@ def add_routes(app) -> None:
         ("POST", "test", lambda b: SERVICE.test_merge(b), True, True),
         ("POST", "save", save_route, True, True),
         ("POST", "restore", lambda b: SERVICE.restore(), True, True),
+        ("POST", "free", lambda b: SERVICE.free(), True, True),
         ("GET", "presets", presets_route, False, False),
         ("GET", "status", lambda: SERVICE.status(), False, False),
         ("GET", "recipe", recipe_route, False, False),

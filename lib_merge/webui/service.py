@@ -52,6 +52,20 @@ def lora_note(items: list[dict] | None) -> str:
     return "; LoRAs baked: " + ", ".join(parts)
 
 
+def size_text(n: int) -> str:
+    """Bytes for the status line: "1.97 GB", "512 MB", "40 kB"."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 or n == 0 else f"{n / 1e3:.0f} kB"
+
+
+def cache_note(status: dict) -> str:
+    """"; caches 1.97 GB" (and what the background copy still adds) for the status line."""
+    held, pending = status.get("cache_bytes") or 0, status.get("cache_pending_bytes") or 0
+    return f"; caches {size_text(held + pending)}" + (f" ({size_text(pending)} still being copied into RAM)"
+                                                      if pending else "")
+
+
 class Service:
     def __init__(self):
         self.session: LiveSession | None = None
@@ -218,7 +232,8 @@ class Service:
                    "host_after_write": round(t_done - t_apply - report.seconds, 3),
                    "sentinels": round(time.perf_counter() - t_done, 3)}
         msg = (f"test merge live: {report.written} tensors written, {report.unchanged} unchanged, "
-               f"{report.seconds:.2f} s{lora_note(params.get('lora'))}; the preview uses the WebUI's current VAE")
+               f"{report.seconds:.2f} s{lora_note(params.get('lora'))}; the preview uses the WebUI's current VAE"
+               f"{cache_note(self.status())}")
         self.last_message = msg
         return {"live": session.is_merged, "written": report.written, "unchanged": report.unchanged,
                 "seconds": round(time.perf_counter() - t0, 3), "notes": report.notes, "message": msg,
@@ -233,9 +248,29 @@ class Service:
         n = s.restore()
         self.live_params = None
         self.sentinels = {}
-        msg = f"original weights restored ({n} tensors)"
+        msg = f"original weights restored ({n} tensors){cache_note(self.status())}; Free memory drops them"
         self.last_message = msg
         return {"restored": n, "seconds": round(time.perf_counter() - t0, 3), "message": msg}
+
+    def free(self) -> dict:
+        """Drop the cached source tensors the live merge does not need (all of them with nothing merged). A
+        session whose model is gone (another checkpoint loaded) is dropped whole."""
+        t0 = time.perf_counter()
+        s = self.session
+        if s is None:
+            freed = 0
+        elif self.model_ref is not None and self.model_ref() is host.loaded_model():
+            freed = s.free().bytes_freed
+        else:
+            freed = s.cache_bytes()
+            self.drop("")
+        st = self.status()
+        msg = f"freed {size_text(freed)}{cache_note(st)}"
+        if st["cache_bytes"] and st["live"]:
+            msg += " (the live merge's restore source)"
+        self.last_message = msg
+        return {"freed_bytes": freed, "cache_bytes": st["cache_bytes"], "seconds": round(time.perf_counter() - t0, 3),
+                "message": msg}
 
     def save(self, output: str, overwrite: bool = False, dtype: str | None = None, vae: str | None = None,
              params: dict | None = None) -> dict:
@@ -377,6 +412,8 @@ class Service:
             "progress": dict(self.progress),
             "bytes_read": reads,
             "cache_device": snap.policy.value if snap else None,
+            "cache_bytes": snap.cache_bytes if snap else 0,  # RAM / VRAM the caches hold
+            "cache_pending_bytes": snap.cache_pending if snap else 0,  # still being copied into RAM
             "message": self.last_message,
             "unsupported": host.unsupported_reason(model) if model is not None else None,
         }

@@ -371,6 +371,7 @@ def create_tab():
             test_btn = gr.Button("Test merge", variant="primary", elem_id="blockmerge_test")
             preview_btn = gr.Button("Preview", elem_id="blockmerge_preview")
             restore_btn = gr.Button("Restore", elem_id="blockmerge_restore")
+            free_btn = gr.Button("Free memory", elem_id="blockmerge_free")
             save_btn = gr.Button("Save", elem_id="blockmerge_save")
             file_btn = gr.Button("Merge to file (A B C)", elem_id="blockmerge_merge_file")
             stop_btn = gr.Button("Stop", elem_id="blockmerge_stop")
@@ -561,6 +562,15 @@ def create_tab():
             return [chain_html(""), gr.update(visible=False),
                     status_html("chain cleared: Test merge starts from the loaded checkpoint again")]
 
+        def do_free():
+            """Outputs (infotext, status): ``wrap_gradio_gpu_call`` turns a result into a list, so a handler under
+            it returns a list; the infotext is left as it is (the live weights do not change)."""
+            try:
+                res = SERVICE.free()
+            except MergeError as e:
+                return [gr.update(), status_html(str(e), True)]
+            return [gr.update(), status_html(res["message"])]
+
         def do_save(name, over, *args):
             try:
                 p = request(None, args)
@@ -599,6 +609,7 @@ def create_tab():
                        inputs=[infotext] + common, outputs=[image, infotext, merge_seed_box, chain_btn, status])
         restore_btn.click(fn=gpu(do_restore, [image, infotext, chain_btn, status]), inputs=[infotext],
                           outputs=[image, infotext, chain_btn, status])
+        free_btn.click(fn=gpu(do_free, [infotext, status]), inputs=[], outputs=[infotext, status])
         chain_btn.click(fn=do_chain, inputs=[], outputs=[chain_info, clear_chain_btn, status])
         clear_chain_btn.click(fn=do_clear_chain, inputs=[], outputs=[chain_info, clear_chain_btn, status])
         save_btn.click(fn=gpu(do_save, [model_a, model_b, model_c, status]), inputs=[output, overwrite] + common,
@@ -620,8 +631,8 @@ def create_tab():
                                  "param_groups": param_groups, "param_controls": param_ctls,
                                  "lora": lora, "chain": chain_btn, "clear_chain": clear_chain_btn,
                                  "chain_info": chain_info,
-                                 "buttons": [test_btn, preview_btn, restore_btn, save_btn, file_btn,
-                                                             stop_btn]}
+                                 "buttons": [test_btn, preview_btn, restore_btn, free_btn, save_btn, file_btn,
+                                             stop_btn]}
     return tab
 
 
