@@ -253,7 +253,7 @@ def test_stale_partial_file_of_a_killed_run_is_removed_and_reported(capsys, mode
 def test_broken_invariant_is_an_internal_error_not_a_merge_error(models, tmp_path, monkeypatch):
     from lib_merge.io import filesink
     tasks = filesink._tasks
-    monkeypatch.setattr(filesink, "_tasks", lambda *a: tasks(*a)[1:])  # a chunk goes missing
+    monkeypatch.setattr(filesink, "_tasks", lambda *a, **k: tasks(*a, **k)[1:])  # a chunk goes missing
     assert not issubclass(InternalError, MergeError)
     with pytest.raises(InternalError, match="out-of-order write at "):
         merge_to_file(Recipe(models=[str(m) for m in ab(models)]), tmp_path / "o.safetensors")
