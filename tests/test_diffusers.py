@@ -1,0 +1,249 @@
+"""Diffusers folders as inputs and outputs (issue 14 §2): the key tables, folder input (safetensors, fp16
+variant, .bin through the safe loader), round trips, mixed merges, strict loads by the diffusers package."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lib_merge import synthetic as S
+from lib_merge.errors import MergeError
+from lib_merge.io.diffusers.keymap import COMPONENTS, component_map, diffusers_shape, to_diffusers
+from lib_merge.io.sources import open_source
+from lib_merge.merge import merge_to_file
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lib_merge" / "io" / "diffusers" / "configs"
+
+
+def sd2_listing(sd15: S.Listing, sdxl: S.Listing) -> S.Listing:
+    """SD2's real layout in tiny shapes: SD1's UNet with a 1024-wide context and a 24-block OpenCLIP encoder
+    (SDXL's second encoder renamed, its blocks 24..31 left out)."""
+    out = {k: v for k, v in S.as_sd2(sd15).items() if not k.startswith("cond_stage_model.")}
+    src = "conditioner.embedders.1.model."
+    for k, v in sdxl.items():
+        if k.startswith(src):
+            rest = k[len(src):]
+            if rest.startswith("transformer.resblocks.") and int(rest.split(".")[2]) >= 24:
+                continue
+            out["cond_stage_model.model." + rest] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, sd15_listing, sdxl_listing):
+    d = tmp_path_factory.mktemp("layouts")
+    return {name: S.write_checkpoint(d / f"{name}.safetensors", listing, seed=7)
+            for name, listing in [("sd1", sd15_listing), ("sd2", sd2_listing(sd15_listing, sdxl_listing)),
+                                  ("sdxl", sdxl_listing)]}
+
+
+def write_component(folder: Path, arch: str, comp: str, ldm: Path, name: str = "model.safetensors") -> Path:
+    """A component file under its diffusers names, made from a single file through the tables."""
+    cmap = component_map(arch, comp)
+    tensors = {}
+    with open_source(ldm) as src:
+        for key, rows in cmap.by_ldm.items():
+            if key in src.infos:
+                for r in rows:
+                    tensors[r.diffusers] = to_diffusers(r, src.read(key)).contiguous()
+    (folder / comp).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / comp / name))
+    return folder / comp / name
+
+
+def folder_from(ldm: Path, folder: Path, arch: str) -> Path:
+    names = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
+    for comp in COMPONENTS[arch]:
+        write_component(folder, arch, comp, ldm, names.get(comp, "model.safetensors"))
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+def tensors_equal(a: Path, b: Path, keys=None) -> list[str]:
+    """Keys whose dtype, shape or bytes differ (bit-exact comparison)."""
+    bad = []
+    with open_source(a) as sa, open_source(b) as sb:
+        for k in keys if keys is not None else sa.infos:
+            ia, ib = sa.infos[k], sb.infos[k]
+            if (ia.dtype, ia.shape) != (ib.dtype, ib.shape) or not torch.equal(
+                    sa.read(k).reshape(-1).view(torch.uint8), sb.read(k).reshape(-1).view(torch.uint8)):
+                bad.append(k)
+    return bad
+
+
+# -- the tables ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,listing", [("sd1", "sd15"), ("sd2", "sd15"), ("sdxl", "sdxl")])
+@pytest.mark.parametrize("comp", ["unet", "vae"])
+def test_tables_name_every_parameter_of_full_size_diffusers_models(arch, listing, comp):
+    """The shipped full-size configs, built by diffusers on the meta device: the table's diffusers names are
+    exactly the model's state-dict keys, and each real single-file shape transforms into the model's shape."""
+    diffusers = pytest.importorskip("diffusers")
+    cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL}[comp]
+    with torch.device("meta"):
+        model = cls.from_config(json.loads((CONFIGS / arch / comp / "config.json").read_text()))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ldm = S.load_listing(listing)
+    got = {}
+    for key, rows in component_map(arch, comp).by_ldm.items():
+        shape = ldm[key][0]
+        if arch == "sd2" and comp == "unet":  # SD2: linear proj_in/proj_out, 1024-wide context
+            shape = shape[:2] if key.endswith(("proj_in.weight", "proj_out.weight")) else shape
+            shape = (shape[0], 1024) if key.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) else shape
+        for r in rows:
+            got[r.diffusers] = diffusers_shape(r, tuple(shape), key)
+    assert got == want
+
+
+def test_tables_cover_the_real_single_file_layouts():
+    """Every key of the real SD1.5 / SDXL listings has a diffusers home except OpenCLIP's logit_scale."""
+    for arch, listing in [("sd1", "sd15"), ("sdxl", "sdxl")]:
+        homes = {k for c in COMPONENTS[arch] for k in component_map(arch, c).by_ldm}
+        assert sorted(set(S.load_listing(listing)) - homes) == (
+            [] if arch == "sd1" else ["conditioner.embedders.1.model.logit_scale"])
+    te = component_map("sdxl", "text_encoder_2").by_ldm
+    qkv = te["conditioner.embedders.1.model.transformer.resblocks.5.attn.in_proj_weight"]
+    assert [r.diffusers for r in qkv] == [f"text_model.encoder.layers.5.self_attn.{p}_proj.weight" for p in "qkv"]
+    assert te["conditioner.embedders.1.model.text_projection"][0].transform == "T"
+    sd2 = component_map("sd2", "text_encoder").by_ldm
+    assert "cond_stage_model.model.transformer.resblocks.22.ln_1.weight" in sd2
+    assert "cond_stage_model.model.transformer.resblocks.23.ln_1.weight" not in sd2  # diffusers keeps 23 blocks
+    assert "cond_stage_model.model.text_projection" not in sd2
+
+
+def test_tables_are_what_the_generator_writes(tmp_path, monkeypatch):
+    from lib_merge.io.diffusers import gen_maps
+    monkeypatch.setattr(gen_maps, "MAPS", tmp_path)
+    gen_maps.main()
+    for p in sorted(tmp_path.rglob("*.tsv")):
+        assert p.read_text() == (gen_maps.Path(gen_maps.__file__).parent / "maps" / p.relative_to(tmp_path)).read_text()
+
+
+# -- folder input --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_folder_reads_as_its_single_file(layouts, tmp_path, arch):
+    """A diffusers folder opens like a checkpoint with LDM names; every tensor equals the single file's
+    (q/k/v joined back, the text projection transposed back, the VAE attention back to 1×1 convs)."""
+    ldm = layouts[arch]
+    folder = folder_from(ldm, tmp_path / "f", arch)
+    with open_source(folder) as src, open_source(ldm) as ref:
+        assert src.arch == arch
+        homes = {k for c in COMPONENTS[arch] for k in component_map(arch, c).by_ldm}
+        assert set(src.infos) == set(ref.infos) & homes
+        for k in src.infos:
+            assert (src.infos[k].dtype, src.infos[k].shape) == (ref.infos[k].dtype, ref.infos[k].shape), k
+            assert torch.equal(src.read(k), ref.read(k)), k
+        k = next(k for k in src.infos if k.endswith("in_proj_weight")) if arch != "sd1" else None
+        if k:  # chunked reads across the q/k/v boundary
+            buf = torch.empty(src.infos[k].nbytes, dtype=torch.uint8)
+            n = src.infos[k].numel
+            part = src.read_bytes_into(k, buf, 1, n - 2)
+            assert torch.equal(part, ref.read(k).reshape(-1)[1:n - 1])
+
+
+def test_fp16_variant_and_preference(layouts, tmp_path):
+    """``*.fp16.safetensors`` is read when it is the only weight file; the full-precision file wins otherwise."""
+    folder = folder_from(layouts["sd1"], tmp_path / "f", "sd1")
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    half = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(unet)).items()}
+    marker = "conv_in.bias"
+    half[marker] = torch.full_like(half[marker], 7.0)
+    save_file(half, str(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    key = "model.diffusion_model.input_blocks.0.0.bias"
+    with open_source(folder) as src:
+        assert not torch.all(src.read(key) == 7)
+    unet.unlink()
+    with open_source(folder) as src:
+        assert src.infos[key].dtype == "F16" and torch.all(src.read(key) == 7)
+
+
+def test_bin_weights_through_the_safe_loader(layouts, tmp_path):
+    folder = folder_from(layouts["sd1"], tmp_path / "f", "sd1")
+    for comp, stem in [("unet", "diffusion_pytorch_model"), ("text_encoder", "pytorch_model")]:
+        src = next((folder / comp).glob("*.safetensors"))
+        torch.save(load_file(str(src)), folder / comp / f"{stem}.bin")
+        src.unlink()
+    with open_source(folder) as got, open_source(layouts["sd1"]) as ref:
+        assert len(got.infos) == len(ref.infos)
+        assert all(torch.equal(got.read(k), ref.read(k)) for k in got.infos)
+
+
+def test_malicious_bin_is_refused(layouts, tmp_path):
+    folder = folder_from(layouts["sd1"], tmp_path / "f", "sd1")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "MARKER"
+    payload = f"cos\nsystem\n(Vtouch {marker}\ntR0".encode()
+    raw = pickle.dumps({"x": 1}, protocol=2)
+    evil = raw[:2] + payload + raw[2:]  # runs os.system before building the dict, under stock pickle
+    bin_path = folder / "vae" / "diffusion_pytorch_model.bin"
+    bin_path.write_bytes(evil)
+    with pytest.raises(MergeError) as e:
+        open_source(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and "os.system" in msg and msg.endswith(str(bin_path))
+    assert not marker.exists()
+
+
+def test_folder_errors(tmp_path, layouts):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(MergeError, match=r"not a diffusers model .*plain$"):
+        open_source(tmp_path / "plain")
+    folder = folder_from(layouts["sdxl"], tmp_path / "f", "sdxl")
+    te = folder / "text_encoder_2" / "model.safetensors"
+    t = load_file(str(te))
+    del t["text_model.encoder.layers.3.self_attn.k_proj.weight"]
+    save_file(t, str(te))
+    with pytest.raises(MergeError, match=r"k_proj.weight is missing, .*text_encoder_2$"):
+        open_source(folder)
+
+
+def test_unknown_diffusers_tensors_are_reported(layouts, tmp_path, sd15_listing):
+    folder = folder_from(layouts["sd1"], tmp_path / "f", "sd1")
+    te = folder / "text_encoder" / "model.safetensors"
+    t = load_file(str(te))
+    t["text_model.extra.weight"] = torch.zeros(2)
+    save_file(t, str(te))
+    b = S.write_checkpoint(tmp_path / "b.safetensors", sd15_listing, seed=3)
+    res = merge_to_file({"models": [str(folder), str(b)]}, tmp_path / "o.safetensors")
+    assert any("1 text_encoder tensor(s) with no single-file name left out (first: text_model.extra.weight)" in n
+               for n in res.plan.report.notes)
+
+
+def test_folder_hash_is_stable_and_content_based(layouts, tmp_path):
+    from lib_merge import hashing
+    folder = folder_from(layouts["sd1"], tmp_path / "f", "sd1")
+    h1 = hashing.sha256_file(folder)
+    (folder / "model_index.json").write_text('{"changed": true}')  # not weights: same hash
+    assert hashing.sha256_file(folder) == h1
+    assert hashing.paths_with(h1)[0] == [str(folder.resolve())]
+    copy = folder_from(layouts["sd1"], tmp_path / "g", "sd1")
+    assert hashing.sha256_file(copy) == h1
+    w = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(w))
+    t["encoder.conv_in.bias"] = t["encoder.conv_in.bias"] + 1
+    save_file(t, str(w))
+    assert hashing.sha256_file(copy) != h1
+    assert hashing.legacy_hash(folder) == h1[:8]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_mixed_merge_equals_merge_of_single_files(layouts, tmp_path, sd15_listing, sdxl_listing, arch):
+    """folder A + file B gives the same tensors as file A + file B, bit for bit; also B as the folder."""
+    listing = sd15_listing if arch == "sd1" else sdxl_listing
+    a = layouts[arch]
+    b = S.write_checkpoint(tmp_path / "b.safetensors", listing, seed=99)
+    fa = folder_from(a, tmp_path / "fa", arch)
+    fb = folder_from(b, tmp_path / "fb", arch)
+    recipe = {"mode": "weighted_sum", "alpha": 0.3, "weights": "GRAD_V"}
+    ref = merge_to_file({**recipe, "models": [str(a), str(b)]}, tmp_path / "ref.safetensors")
+    for n, models in enumerate([[fa, b], [a, fb], [fa, fb]]):
+        got = merge_to_file({**recipe, "models": [str(m) for m in models]}, tmp_path / f"got{n}.safetensors")
+        with open_source(got.output) as g:
+            keys = sorted(g.infos)
+        homes = {k for c in COMPONENTS[arch] for k in component_map(arch, c).by_ldm}
+        with open_source(ref.output) as r:  # A's keys without a home (logit_scale) are kept only from a file A
+            assert set(keys) == (set(r.infos) & homes if models[0] != a else set(r.infos))
+        assert tensors_equal(got.output, ref.output, sorted(set(keys) & homes)) == []
