@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lib_merge import synthetic as S
 from lib_merge.errors import MergeError
+from lib_merge.folder_output import convert_to_folder, merge_to_folder
 from lib_merge.io.diffusers.keymap import COMPONENTS, component_map, diffusers_shape, to_diffusers
 from lib_merge.io.sources import open_source
 from lib_merge.merge import merge_to_file
@@ -247,3 +248,129 @@ def test_mixed_merge_equals_merge_of_single_files(layouts, tmp_path, sd15_listin
         with open_source(ref.output) as r:  # A's keys without a home (logit_scale) are kept only from a file A
             assert set(keys) == (set(r.infos) & homes if models[0] != a else set(r.infos))
         assert tensors_equal(got.output, ref.output, sorted(set(keys) & homes)) == []
+
+
+# -- folder output -------------------------------------------------------------------------------------------------
+def to_single(folder: Path, out: Path) -> Path:
+    return merge_to_file({"models": [str(folder)], "mode": "no_interpolation"}, out).output
+
+
+@pytest.mark.parametrize("arch,dropped", [("sd1", []), ("sdxl", ["conditioner.embedders.1.model.logit_scale"]),
+                                          ("sd2", [*(f"cond_stage_model.model.transformer.resblocks.23.{n}" for n in (
+                                              "attn.in_proj_bias", "attn.in_proj_weight", "attn.out_proj.bias",
+                                              "attn.out_proj.weight", "ln_1.bias", "ln_1.weight", "ln_2.bias",
+                                              "ln_2.weight", "mlp.c_fc.bias", "mlp.c_fc.weight", "mlp.c_proj.bias",
+                                              "mlp.c_proj.weight")),
+                                               "cond_stage_model.model.logit_scale",
+                                               "cond_stage_model.model.text_projection"])])
+def test_round_trip_single_diffusers_single_is_bit_identical(layouts, tmp_path, arch, dropped):
+    """single file -> diffusers folder -> single file: every tensor with a diffusers home comes back with the
+    same dtype, shape and bytes; the ones without are named in a note."""
+    res = convert_to_folder(layouts[arch], tmp_path / "model")
+    assert res.output == tmp_path / "model" and res.output.is_dir()
+    back = to_single(res.output, tmp_path / "back.safetensors")
+    with open_source(layouts[arch]) as ref, open_source(back) as got:
+        assert sorted(set(ref.infos) - set(got.infos)) == sorted(dropped)
+        assert set(got.infos) <= set(ref.infos)
+        keys = sorted(got.infos)
+    assert tensors_equal(layouts[arch], back, keys) == []
+    if dropped:
+        assert any(f"{len(dropped)} tensor(s) with no diffusers name not written" in n for n in res.notes)
+    files = sorted(p.relative_to(res.output).as_posix() for p in res.output.rglob("*") if p.is_file())
+    comps = COMPONENTS[arch]
+    assert files == sorted(["model_index.json", "scheduler/scheduler_config.json"]
+                           + [f"{c}/config.json" for c in comps]
+                           + [f"{c}/{'model' if c.startswith('text') else 'diffusion_pytorch_model'}.safetensors"
+                              for c in comps])
+    tok = "tokenizer/, tokenizer_2/" if arch == "sdxl" else "tokenizer/"
+    assert any(n.startswith(f"diffusers folder: add {tok} (vocab.json") for n in res.notes)
+    from lib_merge import hashing
+    assert res.sha256 == hashing.sha256_file(res.output)
+
+
+def test_written_configs_take_sizes_from_the_weights(layouts, tmp_path):
+    res = convert_to_folder(layouts["sdxl"], tmp_path / "m")
+    unet = json.loads((res.output / "unet" / "config.json").read_text())
+    assert unet["block_out_channels"] == [3, 3, 3] and unet["cross_attention_dim"] == 2048
+    assert unet["transformer_layers_per_block"] == [1, 2, 10] and unet["addition_embed_type"] == "text_time"
+    te2 = json.loads((res.output / "text_encoder_2" / "config.json").read_text())
+    assert (te2["num_hidden_layers"], te2["hidden_size"], te2["projection_dim"]) == (32, 3, 3)
+    index = json.loads((res.output / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_merge_to_folder_copies_a_diffusers_inputs_support_files(layouts, tmp_path, sd15_listing):
+    fa = folder_from(layouts["sd1"], tmp_path / "fa", "sd1")
+    (fa / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                     "safety_checker": ["x", "y"], "unet": ["diffusers", "U"]}))
+    (fa / "tokenizer").mkdir()
+    (fa / "tokenizer" / "vocab.json").write_text('{"a": 1}')
+    (fa / "scheduler").mkdir()
+    (fa / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    (fa / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel", "mine": 1}')
+    (fa / "safety_checker").mkdir()
+    (fa / "safety_checker" / "model.safetensors").write_bytes(b"x")
+    b = S.write_checkpoint(tmp_path / "b.safetensors", sd15_listing, seed=5)
+    res = merge_to_folder({"models": [str(fa), str(b)], "alpha": 0.25}, tmp_path / "out")
+    out = res.output
+    assert (out / "tokenizer" / "vocab.json").read_text() == '{"a": 1}'
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text()) == {"_class_name": "DDIMScheduler"}
+    assert json.loads((out / "unet" / "config.json").read_text())["mine"] == 1
+    assert json.loads((out / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"  # shipped
+    assert not (out / "safety_checker").exists()
+    assert json.loads((out / "model_index.json").read_text())["safety_checker"] == [None, None]
+    assert any("safety_checker/ not copied" in n for n in res.plan.report.notes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors", "fa", "out"]  # no temp file or folder left
+    # the folder holds the merge: the same tensors as the single-file merge, and its recipe in the UNet header
+    ref = merge_to_file({"models": [str(fa), str(b)], "alpha": 0.25}, tmp_path / "ref.safetensors")
+    back = to_single(out, tmp_path / "back.safetensors")
+    with open_source(back) as s:
+        assert tensors_equal(ref.output, back, sorted(s.infos)) == []
+    with open_source(out / "unet" / "diffusion_pytorch_model.safetensors") as u:
+        assert json.loads(u.metadata["blockmerge_recipe"])["alpha"] == 0.25
+        assert u.metadata["format"] == "pt"
+
+
+def test_folder_output_refusals(layouts, tmp_path):
+    a = layouts["sd1"]
+    fa = folder_from(a, tmp_path / "fa", "sd1")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    cases = [
+        (tmp_path / "taken", "output exists (use --overwrite to replace it), "),
+        (fa, "output would write into or replace an input model, "),
+        (fa / "unet" / "sub", "output would write into or replace an input model, "),
+        (tmp_path / "x.safetensors", "--format diffusers writes a folder; the output looks like a file name, "),
+        (tmp_path / "nope" / "out", "output folder's parent does not exist, "),
+    ]
+    for out, msg in cases:
+        for call in (lambda: merge_to_folder({"models": [str(fa), str(a)]}, out, overwrite=out == fa),
+                     lambda: convert_to_folder(fa, out)):
+            with pytest.raises(MergeError) as e:
+                call()
+            want = msg + str(out.parent if "parent" in msg else out)
+            assert str(e.value) == want
+    with pytest.raises(MergeError, match="output would write into or replace an input model"):
+        merge_to_folder({"models": [str(fa), str(a)]}, tmp_path, overwrite=True)  # the output holds an input
+    assert (tmp_path / "taken" / "keep.txt").exists()
+    res = convert_to_folder(a, tmp_path / "taken", overwrite=True)
+    assert not (res.output / "keep.txt").exists() and (res.output / "unet" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fa", "taken"]
+
+
+def test_interrupted_write_leaves_nothing(layouts, tmp_path):
+    from lib_merge.errors import MergeInterrupted
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 5
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("x")
+    for out, overwrite in [(tmp_path / "new", False), (tmp_path / "old", True)]:
+        calls.clear()
+        with pytest.raises(MergeInterrupted):
+            convert_to_folder(layouts["sd1"], out, overwrite=overwrite, cancel=cancel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert (tmp_path / "old" / "keep.txt").read_text() == "x"
