@@ -23,7 +23,6 @@ from .io.sources import open_source
 from .merge import MergeResult, merge_to_file
 from .recipe import Recipe, as_recipe, check_path_text
 
-FORMATS = ("safetensors", "diffusers")
 Progress = Callable[[str, int, int], None]
 
 

@@ -374,3 +374,107 @@ def test_interrupted_write_leaves_nothing(layouts, tmp_path):
             convert_to_folder(layouts["sd1"], out, overwrite=overwrite, cancel=cancel)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
     assert (tmp_path / "old" / "keep.txt").read_text() == "x"
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+def cli(*args):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run([sys.executable, "-m", "lib_merge", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def test_cli_merge_format_diffusers_inspect_and_lora(layouts, tmp_path, sd15_listing):
+    a = layouts["sd1"]
+    fa = folder_from(a, tmp_path / "fa", "sd1")
+    b = S.write_checkpoint(tmp_path / "b.safetensors", sd15_listing, seed=4)
+    out = tmp_path / "merged"
+    r = cli("merge", fa, b, "--format", "diffusers", "-o", out, "--alpha", "0.4")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out} (" in r.stdout and "sha256" in r.stdout
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    r = cli("merge", fa, b, "--format", "diffusers", "-o", out)
+    assert (r.returncode, r.stderr.strip()) == (2, f"error: output exists (use --overwrite to replace it), {out}")
+    r = cli("merge", fa, b, "--format", "diffusers", "-o", fa / "unet", "--overwrite")
+    assert (r.returncode, r.stderr.strip()) == (2, f"error: output would write into or replace an input model, "
+                                                   f"{fa / 'unet'}")
+    r = cli("inspect", out, "--json")
+    info = json.loads(r.stdout)
+    assert info["architecture"] == "sd1" and info["keys"] == 1131
+    assert json.loads(info["metadata"]["blockmerge_recipe"])["alpha"] == 0.4
+    r = cli("merge", fa, b, "-o", tmp_path / "m.safetensors", "--alpha", "0.4")  # folder in, file out
+    assert r.returncode == 0, r.stderr
+    back = to_single(out, tmp_path / "back.safetensors")
+    assert tensors_equal(tmp_path / "m.safetensors", back) == []
+    r = cli("lora", "extract", fa, b, "-o", tmp_path / "l.safetensors", "--rank", "2")
+    assert r.returncode == 0, r.stderr
+    r = cli("lora", "bake", fa, f"{tmp_path / 'l.safetensors'}:0.5", "-o", tmp_path / "baked.safetensors")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "plain").mkdir()
+    r = cli("merge", tmp_path / "plain", b, "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: model path is a folder but not a diffusers model (no model_index.json or unet/config.json), "
+        f"{tmp_path / 'plain'}")
+
+
+# -- independent check: the diffusers package loads what we write, strict=True ---------------------------------
+SMALL_VAE = {"block_out_channels": [32, 32, 64, 64], "sample_size": 32}
+SMALL_UNET = {
+    "sd1": {"block_out_channels": [32, 32, 64, 64], "sample_size": 8},
+    "sd2": {"block_out_channels": [32, 32, 64, 64], "attention_head_dim": [2, 2, 4, 4], "sample_size": 8},
+    "sdxl": {"block_out_channels": [32, 64, 64], "attention_head_dim": [2, 4, 4], "addition_time_embed_dim": 8,
+             "projection_class_embeddings_input_dim": 16 + 6 * 8, "sample_size": 8},
+}
+
+
+def diffusers_models(arch: str, seed: int):
+    """A small UNet2DConditionModel and AutoencoderKL of the real structure (the shipped config with small
+    channel counts), random weights, built by diffusers itself."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    cfg = {**json.loads((CONFIGS / arch / "unet" / "config.json").read_text()), **SMALL_UNET[arch]}
+    unet = diffusers.UNet2DConditionModel.from_config(cfg)
+    vae = diffusers.AutoencoderKL.from_config({**json.loads((CONFIGS / arch / "vae" / "config.json").read_text()),
+                                               **SMALL_VAE})
+    with torch.no_grad():  # zero-initialised layers (conv_out, proj_out) get values too, so every tensor counts
+        for p in [*unet.parameters(), *vae.parameters()]:
+            p.add_(torch.randn_like(p) * 0.02)
+    return unet.eval(), vae.eval()
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_diffusers_loads_our_folder_strict_and_computes_the_same(tmp_path, arch):
+    """diffusers saves a small model; we read its folder, write a single file, write that back as a folder with
+    our configs (sizes from the weights, head counts of the small model as overrides), and diffusers builds
+    the models from our config.json files and loads our weights with strict=True: every tensor and a forward
+    pass equal the original's."""
+    unet, vae = diffusers_models(arch, seed=3)
+    src = tmp_path / "src"
+    unet.save_pretrained(src / "unet")
+    vae.save_pretrained(src / "vae")
+    single = to_single(src, tmp_path / "single.safetensors")
+    with open_source(single) as s:
+        assert sum(k.startswith("model.diffusion_model.") for k in s.infos) == len(unet.state_dict())
+        assert sum(k.startswith("first_stage_model.") for k in s.infos) == len(vae.state_dict())
+    keep = {k: v for k, v in SMALL_UNET[arch].items() if k in ("attention_head_dim", "addition_time_embed_dim")}
+    out = convert_to_folder(single, tmp_path / "out", overrides={"unet": keep}).output
+    import diffusers
+    for comp, model, cls in [("unet", unet, diffusers.UNet2DConditionModel), ("vae", vae, diffusers.AutoencoderKL)]:
+        cfg = json.loads((out / comp / "config.json").read_text())
+        mine = cls.from_config(cfg).eval()
+        weights = load_file(str(out / comp / "diffusion_pytorch_model.safetensors"))
+        mine.load_state_dict(weights, strict=True)
+        ref = model.state_dict()
+        assert all(torch.equal(weights[k], ref[k]) for k in ref)
+    ctx = {"sd1": 768, "sd2": 1024, "sdxl": 2048}[arch]
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, ctx)
+    kw = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 16), "time_ids": torch.randn(1, 6)}} if arch == "sdxl" else {}
+    mine_unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    with torch.no_grad():
+        assert torch.equal(mine_unet(x, t, c, **kw).sample, unet(x, t, c, **kw).sample)
+        img = torch.randn(1, 3, 16, 16)
+        mine_vae = diffusers.AutoencoderKL.from_pretrained(out / "vae").eval()
+        assert torch.equal(mine_vae.decode(mine_vae.encode(img).latent_dist.mean).sample,
+                           vae.decode(vae.encode(img).latent_dist.mean).sample)

@@ -56,3 +56,8 @@ def weight_files(folder: Path, component: str) -> list[Path]:
 def used_weight_files(folder: Path, components: tuple[str, ...] = ("unet", "vae", "text_encoder", "text_encoder_2")
                       ) -> list[Path]:
     return [p for c in components for p in weight_files(folder, c)]
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the weight files a merge reads from ``folder``."""
+    return sum(p.stat().st_size for p in used_weight_files(folder))
