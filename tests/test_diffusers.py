@@ -478,3 +478,23 @@ def test_diffusers_loads_our_folder_strict_and_computes_the_same(tmp_path, arch)
         mine_vae = diffusers.AutoencoderKL.from_pretrained(out / "vae").eval()
         assert torch.equal(mine_vae.decode(mine_vae.encode(img).latent_dist.mean).sample,
                            vae.decode(vae.encode(img).latent_dist.mean).sample)
+
+
+def test_reproduce_finds_a_folder_input_by_hash_and_by_name(layouts, tmp_path, sd15_listing):
+    """A merge of a folder records the folder's name and content hash; reproduce finds it through the hash
+    cache, and after a move by its name in a --search folder."""
+    import os
+    from lib_merge import hashing
+    from lib_merge.reproduce import reproduce
+    fa = folder_from(layouts["sd1"], tmp_path / "fa", "sd1")
+    b = S.write_checkpoint(tmp_path / "b.safetensors", sd15_listing, seed=8)
+    res = merge_to_file({"models": [str(fa), str(b)], "alpha": 0.6}, tmp_path / "m.safetensors")
+    models = json.loads(res.metadata["sd_merge_models"])
+    assert models[hashing.sha256_file(fa)]["name"] == "fa"
+    ok, new, msg = reproduce(str(res.output))
+    assert ok, msg
+    os.unlink(new)
+    (tmp_path / "moved").mkdir()
+    os.rename(fa, tmp_path / "moved" / "fa")
+    ok, new, msg = reproduce(str(res.output), search=[str(tmp_path / "moved")])
+    assert ok, msg
