@@ -288,7 +288,9 @@ def test_round_trip_single_diffusers_single_is_bit_identical(layouts, tmp_path, 
     assert res.sha256 == hashing.sha256_file(res.output)
 
 
-def test_written_configs_take_sizes_from_the_weights(layouts, tmp_path):
+def test_written_configs_take_sizes_from_the_weights(layouts, tmp_path, models):
+    inpaint = convert_to_folder(models["inpaint"], tmp_path / "inpaint")
+    assert json.loads((inpaint.output / "unet" / "config.json").read_text())["in_channels"] == 9
     res = convert_to_folder(layouts["sdxl"], tmp_path / "m")
     unet = json.loads((res.output / "unet" / "config.json").read_text())
     assert unet["block_out_channels"] == [3, 3, 3] and unet["cross_attention_dim"] == 2048
