@@ -161,6 +161,34 @@ def test_fp16_variant_and_preference(layouts, tmp_path):
         assert src.infos[key].dtype == "F16" and torch.all(src.read(key) == 7)
 
 
+def test_sharded_weights_and_old_vae_attention_names(layouts, tmp_path):
+    """A sharded UNet (``*.safetensors.index.json``) and a VAE saved with diffusers' pre-0.14 attention names
+    (query/key/value/proj_attn) read as the single file."""
+    folder = folder_from(layouts["sd1"], tmp_path / "f", "sd1")
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(unet))
+    keys = sorted(t)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[:300],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[300:]}
+    for name, ks in shards.items():
+        save_file({k: t[k] for k in ks}, str(folder / "unet" / name))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    unet.unlink()
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    old = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+    renamed = {}
+    for k, v in load_file(str(vae)).items():
+        for new, legacy in old.items():
+            k = k.replace(f"attentions.0.{new}", f"attentions.0.{legacy}")
+        renamed[k] = v
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in renamed
+    save_file(renamed, str(vae))
+    with open_source(folder) as got, open_source(layouts["sd1"]) as ref:
+        assert set(got.infos) == set(ref.infos) and not got.notes
+        assert all(torch.equal(got.read(k), ref.read(k)) for k in got.infos)
+
+
 def test_bin_weights_through_the_safe_loader(layouts, tmp_path):
     folder = folder_from(layouts["sd1"], tmp_path / "f", "sd1")
     for comp, stem in [("unet", "diffusion_pytorch_model"), ("text_encoder", "pytorch_model")]:

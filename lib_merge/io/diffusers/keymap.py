@@ -63,6 +63,22 @@ def component_map(arch: str, component: str) -> ComponentMap:
     return ComponentMap(arch, component, ordered, {r.diffusers: r for r in rows})
 
 
+@lru_cache(maxsize=None)
+def legacy_vae_names() -> tuple[tuple[str, str], ...]:
+    """Attention names of VAEs saved by diffusers before 0.14 (``…attentions.0.query.weight``) -> today's."""
+    rows = [line.split("\t") for line in (MAPS / "vae_legacy_names.tsv").read_text().splitlines()]
+    return tuple((old, new) for old, new in rows)
+
+
+def modern_vae_name(key: str) -> str:
+    head, sep, tail = key.rpartition(".attentions.0.")
+    if sep:
+        for old, new in legacy_vae_names():
+            if tail.startswith(old):
+                return head + sep + new + tail[len(old):]
+    return key
+
+
 def component_of(arch: str, ldm_key: str) -> str | None:
     """The diffusers component an LDM key belongs to, or None when it has no diffusers home."""
     for comp in COMPONENTS[arch]:

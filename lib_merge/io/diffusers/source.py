@@ -12,7 +12,7 @@ from ...dtypes import ITEMSIZE, ST_TO_TORCH
 from ...errors import MergeError
 from ..sources import Source, TensorInfo
 from .files import is_diffusers_folder, weight_files
-from .keymap import COMPONENTS, Row, component_map, ldm_shape
+from .keymap import COMPONENTS, Row, component_map, ldm_shape, modern_vae_name
 
 ARCH_BY_CONTEXT = {768: "sd1", 1024: "sd2"}
 
@@ -83,7 +83,7 @@ class DiffusersSource(Source):
             src = _open_file(p)
             self.files.append(src)
             for k in src.infos:
-                keys[k] = (src, k)
+                keys[modern_vae_name(k) if comp == "vae" else k] = (src, k)
         return keys
 
     def _map_component(self, comp: str, keys: dict[str, tuple[Source, str]]) -> None:
