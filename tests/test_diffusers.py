@@ -361,6 +361,17 @@ def test_merge_to_folder_copies_a_diffusers_inputs_support_files(layouts, tmp_pa
         assert u.metadata["format"] == "pt"
 
 
+def test_broken_configs_of_a_diffusers_input_are_one_line_errors(layouts, tmp_path):
+    fa = folder_from(layouts["sd1"], tmp_path / "fa", "sd1")
+    for path in (fa / "model_index.json", fa / "unet" / "config.json"):
+        path.write_text("{not json")
+        with pytest.raises(MergeError) as e:
+            convert_to_folder(fa, tmp_path / "out")
+        assert str(e.value) == f"cannot read {path.name} (JSONDecodeError), {path}"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fa"]
+        path.write_text("{}")
+
+
 def test_folder_output_refusals(layouts, tmp_path):
     a = layouts["sd1"]
     fa = folder_from(a, tmp_path / "fa", "sd1")

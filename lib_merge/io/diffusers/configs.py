@@ -53,16 +53,23 @@ def sizes_from_weights(component: str, shapes: Shapes) -> dict:
     return {k: v for k, v in out.items() if v is not None and v != [] and None not in (v if isinstance(v, list) else [])}
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MergeError(f"cannot read {path.name} ({e.__class__.__name__}), {path}") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"cannot read {path.name} (not a JSON object), {path}")
+    return data
+
+
 def component_config(arch: str, component: str, shapes: Shapes, template: Path | None,
                      override: Mapping | None = None) -> dict:
     """``template/component/config.json`` as it is (a diffusers input's own), else the shipped config with the
     sizes of the weights; ``override`` (tests: small configs) is applied last."""
     src = template / component / CONFIG_NAME if template is not None else None
     if src is not None and src.is_file():
-        try:
-            cfg = json.loads(src.read_text())
-        except (OSError, ValueError) as e:
-            raise MergeError(f"cannot read config ({e.__class__.__name__}), {src}") from None
+        cfg = _read_json(src)
     else:
         cfg = json.loads((CONFIGS / arch / component / CONFIG_NAME).read_text())
         cfg.update(sizes_from_weights(component, shapes))
@@ -91,7 +98,7 @@ def copy_support_files(arch: str, folder: Path, written: tuple[str, ...], templa
                          "for a 512-base model set it to epsilon in scheduler/scheduler_config.json")
         return notes
     index_path = template / "model_index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    index = _read_json(index_path) if index_path.is_file() else None
     for entry in sorted(template.iterdir()):
         if entry.is_file() and not _is_weight(entry) and entry.name != "model_index.json":
             shutil.copyfile(entry, folder / entry.name)
