@@ -36,7 +36,8 @@ class Piece:
 
 def detect_folder_arch(unet: dict[str, tuple[Source, str]], folder: Path) -> str:
     """``sd1`` / ``sd2`` / ``sdxl`` from the UNet's cross-attention width (and SDXL's ``add_embedding``)."""
-    ctx = next((src.infos[k].shape for k, (src, _) in sorted(unet.items()) if k.endswith("attn2.to_k.weight")), None)
+    ctx = next((src.infos[key].shape for name, (src, key) in sorted(unet.items(), key=lambda kv: kv[0])
+                if name.endswith("attn2.to_k.weight")), None)
     if ctx is None or len(ctx) != 2:
         raise MergeError(f"not a Stable Diffusion UNet (no attn2.to_k weight), {folder / 'unet'}")
     if "add_embedding.linear_1.weight" in unet:
