@@ -34,10 +34,20 @@ def sd2_listing(sd15: S.Listing, sdxl: S.Listing) -> S.Listing:
     return out
 
 
+def joined_qkv(listing: S.Listing) -> S.Listing:
+    """OpenCLIP's ``in_proj`` with 3 × width rows, as in real files (``tiny`` shrinks it to the width)."""
+    out = dict(listing)
+    for k, (shape, dt) in listing.items():
+        if k.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+            width = listing[k.rsplit(".attn.", 1)[0] + ".ln_1.weight"][0][0]
+            out[k] = ((3 * width, *shape[1:]), dt)
+    return out
+
+
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory, sd15_listing, sdxl_listing):
     d = tmp_path_factory.mktemp("layouts")
-    return {name: S.write_checkpoint(d / f"{name}.safetensors", listing, seed=7)
+    return {name: S.write_checkpoint(d / f"{name}.safetensors", joined_qkv(listing), seed=7)
             for name, listing in [("sd1", sd15_listing), ("sd2", sd2_listing(sd15_listing, sdxl_listing)),
                                   ("sdxl", sdxl_listing)]}
 
@@ -261,7 +271,7 @@ def test_folder_hash_is_stable_and_content_based(layouts, tmp_path):
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_mixed_merge_equals_merge_of_single_files(layouts, tmp_path, sd15_listing, sdxl_listing, arch):
     """folder A + file B gives the same tensors as file A + file B, bit for bit; also B as the folder."""
-    listing = sd15_listing if arch == "sd1" else sdxl_listing
+    listing = joined_qkv(sd15_listing if arch == "sd1" else sdxl_listing)
     a = layouts[arch]
     b = S.write_checkpoint(tmp_path / "b.safetensors", listing, seed=99)
     fa = folder_from(a, tmp_path / "fa", arch)
@@ -539,3 +549,31 @@ def test_reproduce_finds_a_folder_input_by_hash_and_by_name(layouts, tmp_path, s
     os.rename(fa, tmp_path / "moved" / "fa")
     ok, new, msg = reproduce(str(res.output), search=[str(tmp_path / "moved")])
     assert ok, msg
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_written_weights_equal_diffusers_own_single_file_conversion(layouts, tmp_path, arch):
+    """Independent of our tables: diffusers' own single-file converters (``diffusers.loaders.single_file_utils``)
+    turn the same single file into the same diffusers tensors, name for name and bit for bit."""
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from types import SimpleNamespace
+    ldm = load_file(str(layouts[arch]))
+    out = convert_to_folder(layouts[arch], tmp_path / "out").output
+    unet_cfg = json.loads((CONFIGS / arch / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((CONFIGS / arch / "vae" / "config.json").read_text())
+    theirs = {"unet": sfu.convert_ldm_unet_checkpoint(ldm, unet_cfg), "vae": sfu.convert_ldm_vae_checkpoint(ldm, vae_cfg)}
+    hidden = SimpleNamespace(config=SimpleNamespace(hidden_size=3))
+    if arch == "sd1":
+        theirs["text_encoder"] = sfu.convert_ldm_clip_checkpoint(ldm)
+    elif arch == "sd2":
+        theirs["text_encoder"] = sfu.convert_open_clip_checkpoint(hidden, ldm, prefix="cond_stage_model.model.")
+    else:
+        theirs["text_encoder"] = sfu.convert_ldm_clip_checkpoint(ldm)
+        theirs["text_encoder_2"] = sfu.convert_open_clip_checkpoint(hidden, ldm, prefix="conditioner.embedders.1.model.")
+    if arch == "sd2":  # diffusers' list of keys to skip names only SD2's 24th block; the tiny layout has no more
+        theirs["text_encoder"] = {k: v for k, v in theirs["text_encoder"].items() if ".layers.23." not in k}
+    for comp, want in theirs.items():
+        name = "model.safetensors" if comp.startswith("text") else "diffusion_pytorch_model.safetensors"
+        got = load_file(str(out / comp / name))
+        assert sorted(got) == sorted(want), comp
+        assert [k for k in want if not (got[k].dtype == want[k].dtype and torch.equal(got[k], want[k].contiguous()))] == []
