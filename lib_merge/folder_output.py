@@ -20,7 +20,7 @@ from .errors import MergeError
 from .io.diffusers.files import is_diffusers_folder
 from .io.diffusers.writer import folder_digest, write_folder
 from .io.sources import open_source
-from .merge import MergeResult, merge_to_file
+from .merge import MergeResult, merge_to_file, recipe_files
 from .recipe import Recipe, as_recipe, check_path_text
 
 Progress = Callable[[str, int, int], None]
@@ -125,9 +125,7 @@ def merge_to_folder(recipe: Recipe | dict, output: str | os.PathLike, *, overwri
     inputs by name and sha256) goes into the UNet file's header; ``sha256`` is the folder's content hash."""
     t0 = time.perf_counter()
     recipe = as_recipe(recipe)
-    models = [Path(m) for m in recipe.models]
-    extra = [Path(p) for p in [recipe.bake_vae, *(e.path for e in recipe.lora)] if p]
-    out = check_folder_output(output, models + extra, overwrite)
+    out = check_folder_output(output, [Path(p) for _, p in recipe_files(recipe)], overwrite)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".merging.safetensors", dir=out.parent)
     os.close(fd)
     os.unlink(name)
@@ -135,6 +133,7 @@ def merge_to_folder(recipe: Recipe | dict, output: str | os.PathLike, *, overwri
     try:
         res = merge_to_file(recipe, tmp_file, threads=threads, device=device, progress=progress, cancel=cancel,
                             output_name=out.name)
+        models = [Path(p) for _, p in recipe.leaves()]  # A first, nested steps' models in order
         digest, notes = _write(tmp_file, out, overwrite, first_folder(models), overrides, res.metadata,
                                progress, cancel)
     finally:

@@ -577,3 +577,21 @@ def test_written_weights_equal_diffusers_own_single_file_conversion(layouts, tmp
         got = load_file(str(out / comp / name))
         assert sorted(got) == sorted(want), comp
         assert [k for k in want if not (got[k].dtype == want[k].dtype and torch.equal(got[k], want[k].contiguous()))] == []
+
+
+def test_folder_in_a_merge_chain_and_a_chain_written_as_a_folder(layouts, tmp_path, sd15_listing):
+    """A diffusers folder as a model of a nested step, and a chain merged into a diffusers folder: the same
+    tensors as the chain over the single files."""
+    a = layouts["sd1"]
+    fa = folder_from(a, tmp_path / "fa", "sd1")
+    b = S.write_checkpoint(tmp_path / "b.safetensors", sd15_listing, seed=11)
+    c = S.write_checkpoint(tmp_path / "c.safetensors", sd15_listing, seed=12)
+
+    def chain(first):
+        return {"models": [{"recipe": {"models": [str(first), str(b)], "alpha": 0.3}}, str(c)], "alpha": 0.5}
+    ref = merge_to_file(chain(a), tmp_path / "ref.safetensors")
+    out = merge_to_folder(chain(fa), tmp_path / "out").output
+    back = to_single(out, tmp_path / "back.safetensors")
+    assert tensors_equal(ref.output, back) == []
+    with pytest.raises(MergeError, match="output would write into or replace an input model"):
+        merge_to_folder(chain(fa), fa / "x")
