@@ -18,11 +18,12 @@ from typing import Iterator
 from .errors import MergeError
 from .methods import METHODS, MODES, params_for
 from .methods.params import check_declared
-from .options import DTYPE_CHOICES, VAE_CHOICES, choice_list
+from .options import DTYPE_CHOICES, OUTPUT_FORMATS, VAE_CHOICES, choice_list
 
 EPILOG = """examples:
   {prog} demo
   {prog} merge A.safetensors B.safetensors -o out.safetensors --alpha 0.3
+  {prog} merge DIFFUSERS_FOLDER B.safetensors --format diffusers -o OUT_FOLDER
   {prog} merge A.safetensors B.safetensors -o out.safetensors --preset GRAD_V --dtype fp16
   {prog} merge A.safetensors B.safetensors C.safetensors -o out.safetensors --mode add_difference --alpha 1
   {prog} merge A.safetensors B.safetensors -o out.safetensors --elemental "OUT03-OUT05:attn2:0.2"
@@ -97,9 +98,14 @@ def _merge_parser(sub, common, epilog: str) -> argparse.ArgumentParser:
                                    "geometric_median take A B and any more (A the base), model_stock A B C and "
                                    "any more.",
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="*", metavar="MODEL", help="A [B [C …]] (.safetensors, or .ckpt/.pt through a safe loader); @FILE.yaml: a recipe "
-                   "file whose result stands in for that model (a merge chain, no intermediate file)")
-    p.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="A [B [C …]] (.safetensors, .ckpt/.pt through a safe loader, "
+                   "or a diffusers folder); @FILE.yaml: a recipe file whose result stands in for that model (a merge "
+                   "chain, no intermediate file)")
+    p.add_argument("-o", "--output", required=True, help="output path, ending in .safetensors "
+                   "(a folder with --format diffusers)")
+    p.add_argument("--format", choices=list(OUTPUT_FORMATS), default="safetensors",
+                   help="safetensors: one file (default); diffusers: a diffusers folder (unet/, vae/, text_encoder/…; "
+                        "needs twice the output's size on its disk while it is written)")
     p.add_argument("--mode", choices=list(MODES), default=None, help=MERGE_HELP["mode"])
     p.add_argument("--method", choices=list(METHODS), default=None, help=MERGE_HELP["method"])
     p.add_argument("-p", "--param", dest="param_items", action="append", default=None, metavar="NAME=VALUE",
@@ -303,11 +309,16 @@ def parse_params(mode: str, method: str, items: list[str]) -> dict:
 def cmd_merge(args) -> int:
     from .merge import merge_to_file, normalize_recipe
     recipe = normalize_recipe(merge_recipe(args))
-    res = merge_to_file(recipe, args.output, overwrite=args.overwrite, threads=args.threads, device=args.device,
-                        progress=args.progress)
+    write = merge_to_file
+    if args.format == "diffusers":
+        from .folder_output import merge_to_folder as write
+    res = write(recipe, args.output, overwrite=args.overwrite, threads=args.threads, device=args.device,
+                progress=args.progress)
     for line in res.plan.report.lines():
         print(f"note: {line}")
-    print(f"wrote {res.output} ({res.output.stat().st_size / 1e9:.3f} GB) in {res.seconds:.2f} s")
+    size = res.output.stat().st_size if res.output.is_file() else sum(
+        p.stat().st_size for p in res.output.rglob("*") if p.is_file())
+    print(f"wrote {res.output} ({size / 1e9:.3f} GB) in {res.seconds:.2f} s")
     print(f"sha256 {res.sha256}  short hash [{res.short_hash}]")
     return 0
 

@@ -99,9 +99,31 @@ def cached(path: str | Path) -> str | None:
     return None
 
 
+def sha256_folder(path: str | Path, progress: Callable[[int, int], None] | None = None) -> str:
+    """A diffusers folder's content hash: sha256 over the sorted lines ``relative path<TAB>file sha256`` of the
+    weight files a merge reads from it (each file's hash cached as usual). The folder is remembered under this
+    digest so ``reproduce`` finds it through the cache."""
+    from .io.diffusers.files import used_weight_files
+    root = Path(path)
+    files = used_weight_files(root)
+    total = sum(os.path.getsize(p) for p in files)
+    done = 0
+    lines = []
+    for p in files:
+        size = os.path.getsize(p)
+        cb = (lambda d, t, base=done: progress(base + d, total)) if progress else None
+        lines.append(f"{p.relative_to(root).as_posix()}\t{sha256_file(p, cb)}\n")
+        done += size
+    digest = hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+    remember(root, digest)
+    return digest
+
+
 def sha256_file(path: str | Path, progress: Callable[[int, int], None] | None = None) -> str:
     """Full sha256 of a file (cached). ``progress(done_bytes, total_bytes)`` is called after each block read
-    (once with ``(size, size)`` when the cache answers)."""
+    (once with ``(size, size)`` when the cache answers). A folder gets :func:`sha256_folder`."""
+    if os.path.isdir(path):
+        return sha256_folder(path, progress)
     real, size, mtime = _ident(Path(path))
     hit = cached(real)
     if hit:
@@ -157,7 +179,10 @@ def paths_with(sha256: str) -> tuple[list[str], list[str]]:
 
 
 def legacy_hash(path: str | Path) -> str:
-    """The WebUI's old short hash: sha256 of 64 KiB at offset 1 MiB, first 8 hex digits."""
+    """The WebUI's old short hash: sha256 of 64 KiB at offset 1 MiB, first 8 hex digits (a folder: the first 8
+    hex digits of :func:`sha256_folder`; the WebUI has no short hash for folders)."""
+    if os.path.isdir(path):
+        return sha256_folder(path)[:8]
     with open(path, "rb") as f:
         f.seek(0x100000)
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

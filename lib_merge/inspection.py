@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .arch import block_of, detect, part_of
 from .errors import MergeError
+from .io.diffusers.files import folder_bytes
 from .io.sources import open_source
 from .methods import params_for
 
@@ -14,7 +15,7 @@ from .methods import params_for
 def summarize(path: str | Path) -> dict:
     with open_source(path) as src:
         infos = src.infos
-        size = src.path.stat().st_size
+        size = src.path.stat().st_size if src.path.is_file() else folder_bytes(src.path)
         summary: dict = {"file": str(src.path), "size_bytes": size, "keys": len(infos),
                          "dtypes": dict(Counter(i.dtype for i in infos.values()).most_common())}
         try:

@@ -189,6 +189,7 @@ def merge_to_file(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite
     with ExitStack() as stack:
         step = _open_step(recipe, "", locate, stack, str(device))
         plan, sources, bake = step.plan, step.sources, step.bake
+        plan.report.notes.extend(n for s in step.opened for n in getattr(s, "notes", ()))  # e.g. diffusers folders
         plan.report.notes.extend(prepare_output(out, data_bytes(plan)))
         inputs = [_input(role, rec, src, progress) for role, rec, src in step.files]
         if metadata is None:

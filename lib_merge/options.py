@@ -19,6 +19,9 @@ DEFAULT_SAVE_DTYPE = "fp16"
 # What the VAE keys of a saved file hold: merged with the BASE ratio, or copied from A or B.
 VAE_CHOICES: tuple[str, ...] = ("merge", "a", "b")
 
+# What a merge writes: one safetensors file, or a diffusers folder (``lib_merge.folder_output``).
+OUTPUT_FORMATS: tuple[str, ...] = ("safetensors", "diffusers")
+
 # Sub-targets of block weights -> the element name their keys contain; "all" = no restriction.
 SUBTARGET_ELEMENTS: dict[str, str] = {"attn1": "attn1", "attn2": "attn2", "ff": "ff.net"}
 SUBTARGETS: tuple[str, ...] = ("all", *SUBTARGET_ELEMENTS)

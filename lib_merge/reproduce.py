@@ -20,6 +20,7 @@ from .merge import merge_to_file, recipe_files
 from .metadata import file_name, output_stem
 from .recipe import RECIPE_VERSION, Recipe
 from .roles import describe_role, is_role_path
+from .io.diffusers.files import is_diffusers_folder
 from .io.sources import open_source
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -122,7 +123,7 @@ def locate_input(w: Wanted, search: list[str], out_dir: str, skip: set[str], pro
     by_name = stale + ([w.recorded] if w.recorded != w.name else []) + [os.path.join(d, w.name) for d in folders]
     changed: tuple[str, str] | None = None
     for p in by_name:
-        if os.path.isfile(p) and os.path.realpath(p) not in skip:
+        if (os.path.isfile(p) or is_diffusers_folder(Path(p))) and os.path.realpath(p) not in skip:
             if w.sha256 is None:
                 return p
             digest = _hash(p, progress)

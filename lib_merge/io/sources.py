@@ -216,12 +216,14 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
 def open_source(path: str | os.PathLike) -> Source:
-    """Open a checkpoint by its suffix: ``.safetensors`` lazily, pickles through the safe loader."""
+    """Open a checkpoint by its suffix: ``.safetensors`` lazily, pickles through the safe loader; a diffusers
+    folder with LDM key names."""
     p = Path(path)
     if not p.exists():
         raise MergeError(f"model file not found, {p}")
     if p.is_dir():
-        raise MergeError(f"model path is a folder, not a file, {p}")
+        from .diffusers.source import DiffusersSource  # a diffusers folder reads as a single-file checkpoint
+        return DiffusersSource(p)
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
         return SafetensorsSource(p)
