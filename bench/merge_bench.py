@@ -146,6 +146,23 @@ def warm(*paths: Path) -> None:
     subprocess.run(["sh", "-c", "sync; cat " + " ".join(f"'{p}'" for p in paths) + " > /dev/null"], check=True)
 
 
+def run_cases(cases: list[str], env: dict, repeat: int, out: Path, inputs: tuple[Path, ...]) -> dict[str, dict]:
+    """Each case ``repeat`` times with the inputs in the page cache and no output left over; the fastest run."""
+    results = {}
+    for case in cases:
+        best = None
+        for _ in range(repeat):
+            if out.exists():
+                out.unlink()
+            warm(*inputs)
+            r = sample_run(CASES[case], env)
+            if best is None or r["wall"] < best["wall"]:
+                best = r
+        results[case] = best
+        print(f"  ran {case}: wall {best['wall']:.2f} s", flush=True)
+    return results
+
+
 def build_inputs(arch: str, d: Path, names: str = "AB") -> list[Path]:
     from lib_merge import synthetic
     listing = synthetic.load_listing(arch)
@@ -190,18 +207,7 @@ def main() -> None:
     hash_s = time.perf_counter() - t
 
     cases = ["idle", "floor"] + ([] if args.skip_naive else ["naive"]) + ["blockmerge"]
-    results = {}
-    for case in cases:
-        best = None
-        for _ in range(args.repeat):
-            if out.exists():
-                out.unlink()
-            warm(a, b)
-            r = sample_run(CASES[case], env)
-            if best is None or r["wall"] < best["wall"]:
-                best = r
-        results[case] = best
-        print(f"  ran {case}: wall {best['wall']:.2f} s", flush=True)
+    results = run_cases(cases, env, args.repeat, out, (a, b))
     sha_ours = results["blockmerge"].get("sha256")
     if out.exists():
         out.unlink()
@@ -236,18 +242,7 @@ def chain_main(args, d: Path) -> None:
     for p in (a, b, c):
         hashing.sha256_file(p)  # cached (path, size, mtime): no case pays for hashing its inputs
     cases = ["idle", "single3", "chain", "steps"]
-    results = {}
-    for case in cases:
-        best = None
-        for _ in range(args.repeat):
-            if out.exists():
-                out.unlink()
-            warm(a, b, c)
-            r = sample_run(CASES[case], env)
-            if best is None or r["wall"] < best["wall"]:
-                best = r
-        results[case] = best
-        print(f"  ran {case}: wall {best['wall']:.2f} s", flush=True)
+    results = run_cases(cases, env, args.repeat, out, (a, b, c))
     if out.exists():
         out.unlink()
     idle, single = results["idle"], results["single3"]

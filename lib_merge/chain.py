@@ -38,13 +38,6 @@ class RecipeSource(Source):
         self._key_locks: dict[str, threading.Lock] = {}
         self._whole: dict[str, list] = {}  # key -> [uint8 result, bytes not yet handed out]
 
-    def read(self, key: str) -> torch.Tensor:
-        info = self.infos.get(key)
-        if info is None:
-            raise MergeError(f"key not found, {self.path} key {key}")
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        return self.read_bytes_into(key, buf).reshape(info.shape)
-
     def read_bytes_into(self, key: str, buf: torch.Tensor, elem_start: int = 0,
                         elem_count: int | None = None) -> torch.Tensor:
         """Elements [elem_start, elem_start + elem_count) of the step's output for ``key``, into ``buf`` (uint8);

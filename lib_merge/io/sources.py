@@ -47,7 +47,17 @@ class Source:
     infos: dict[str, TensorInfo]
     metadata: dict[str, str]
 
-    def read(self, key: str) -> torch.Tensor:  # pragma: no cover - interface
+    def read(self, key: str) -> torch.Tensor:
+        """``key`` whole, in a fresh tensor (sources that hold tensors in memory override this)."""
+        info = self.infos.get(key)
+        if info is None:
+            raise MergeError(f"key not found, {self.path} key {key}")
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self.read_bytes_into(key, buf).reshape(info.shape)
+
+    def read_bytes_into(self, key: str, buf: torch.Tensor, elem_start: int = 0,
+                        elem_count: int | None = None) -> torch.Tensor:  # pragma: no cover - interface
+        """Elements [elem_start, elem_start + elem_count) of ``key`` into uint8 ``buf``; returns a typed view."""
         raise NotImplementedError
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -168,13 +178,6 @@ class SafetensorsSource(Source):
             pread_into(self.fd, memoryview(view.numpy()), info.start + elem_start * item, self.path)
             self.bytes_read += nbytes
         return view.view(ST_TO_TORCH[info.dtype])
-
-    def read(self, key: str) -> torch.Tensor:
-        info = self.infos.get(key)
-        if info is None:
-            raise MergeError(f"key not found, {self.path} key {key}")
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        return self.read_bytes_into(key, buf).reshape(info.shape)
 
     def close(self) -> None:
         self._mm = None  # never mm.close(): views hold a reference, and the mapping goes with the last of them
