@@ -220,7 +220,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="re-run the recipe stored in a merged file and check the bytes are identical",
                        parents=[common])
     r.add_argument("file")
-    r.add_argument("-o", "--output", default=None, help="where to write (default: <stem>.reproduced.safetensors beside FILE)")
+    r.add_argument("-o", "--output", default=None, help="where to write (default: <stem>.reproduced.safetensors "
+                   "beside FILE; for a diffusers folder, FOLDER.reproduced)")
     r.add_argument("--search", action="append", default=[], metavar="DIR", help="folder (with subfolders) to look for inputs by sha256; "
                    "the hash cache, the output's folder and the current folder are always looked in")
     r.add_argument("--overwrite", action="store_true")

@@ -119,21 +119,24 @@ def convert_to_folder(model: str | os.PathLike, output: str | os.PathLike, *, ov
 
 def merge_to_folder(recipe: Recipe | dict, output: str | os.PathLike, *, overwrite: bool = False,
                     threads: int | None = None, device: str = "cpu", progress: Progress | None = None,
-                    cancel: Callable[[], bool] | None = None, overrides: Mapping[str, Mapping] | None = None
-                    ) -> MergeResult:
+                    cancel: Callable[[], bool] | None = None, overrides: Mapping[str, Mapping] | None = None,
+                    locate: Mapping[str, str] | None = None, output_name: str | None = None,
+                    metadata: dict[str, str] | None = None) -> MergeResult:
     """:func:`lib_merge.merge.merge_to_file`, written as a diffusers folder. The merge's metadata (recipe,
-    inputs by name and sha256) goes into the UNet file's header; ``sha256`` is the folder's content hash."""
+    inputs by name and sha256) goes into the UNet file's header; ``sha256`` is the folder's content hash.
+    ``locate``, ``output_name`` and ``metadata`` are merge_to_file's (``reproduce`` passes them)."""
     t0 = time.perf_counter()
     recipe = as_recipe(recipe)
-    out = check_folder_output(output, [Path(p) for _, p in recipe_files(recipe)], overwrite)
+    files = [Path((locate or {}).get(role, p)) for role, p in recipe_files(recipe)]
+    out = check_folder_output(output, files, overwrite)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".merging.safetensors", dir=out.parent)
     os.close(fd)
     os.unlink(name)
     tmp_file = Path(name)
     try:
         res = merge_to_file(recipe, tmp_file, threads=threads, device=device, progress=progress, cancel=cancel,
-                            output_name=out.name)
-        models = [Path(p) for _, p in recipe.leaves()]  # A first, nested steps' models in order
+                            output_name=output_name or out.name, locate=locate, metadata=metadata)
+        models = [Path((locate or {}).get(role, p)) for role, p in recipe.leaves()]  # A first, nested steps' in order
         digest, notes = _write(tmp_file, out, overwrite, first_folder(models), overrides, res.metadata,
                                progress, cancel)
     finally:

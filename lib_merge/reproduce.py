@@ -1,4 +1,5 @@
-"""``reproduce``: re-run the recipe stored in a merged file and check the new file is byte-identical.
+"""``reproduce``: re-run the recipe stored in a merged file and check the new file is byte-identical (a
+diffusers folder written by a merge: a new folder whose weight files have the same content hash).
 
 A merged file names its inputs by file name and sha256 (never by a local folder), so inputs are found by
 sha256: where the local hash cache says a file with that hash lives, then (files written before names replaced
@@ -22,6 +23,7 @@ from .recipe import RECIPE_VERSION, Recipe
 from .roles import describe_role, is_role_path
 from .io.diffusers.files import is_diffusers_folder
 from .io.sources import open_source
+from .folder_output import merge_to_folder
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -144,6 +146,12 @@ def locate_input(w: Wanted, search: list[str], out_dir: str, skip: set[str], pro
                      f"({where}), {w.name}")
 
 
+def _default_output(src: Path, folder: bool) -> Path:
+    """``<stem>.reproduced.safetensors`` beside a file; ``<folder>.reproduced`` beside a diffusers folder."""
+    return src.with_name(src.name + ".reproduced") if folder else \
+        src.with_name(output_stem(src) + ".reproduced.safetensors")
+
+
 def reproduce(file: str, output: str | None = None, search: list[str] | None = None, overwrite: bool = False,
               threads: int | None = None, progress: Progress | None = None) -> tuple[bool, Path, str]:
     src_path = Path(file)
@@ -162,12 +170,14 @@ def reproduce(file: str, output: str | None = None, search: list[str] | None = N
     keep_metadata = legacy or data.get("version", RECIPE_VERSION) < RECIPE_VERSION
     if not legacy and (missing := [w.label for w in wanted if not w.sha256]):
         raise MergeError(f"blockmerge_recipe records no sha256 for input {missing[0]}, {src_path}")
-    new = Path(output) if output else src_path.with_name(output_stem(src_path) + ".reproduced.safetensors")
+    folder = is_diffusers_folder(src_path)
+    new = Path(output) if output else _default_output(src_path, folder)
     skip = {os.path.realpath(src_path), os.path.realpath(new)}
     out_dir = str(src_path.resolve().parent)
     locate = {w.role: locate_input(w, list(search or []), out_dir, skip, progress) for w in wanted}
-    res = merge_to_file(recipe, new, overwrite=overwrite, threads=threads, locate=locate, output_name=custom_name,
-                        progress=progress, metadata=meta if keep_metadata else None)
+    write = merge_to_folder if folder else merge_to_file
+    res = write(recipe, new, overwrite=overwrite, threads=threads, locate=locate, output_name=custom_name,
+                progress=progress, metadata=meta if keep_metadata else None)
     stage = f"hashing {src_path.name}"
     original = hashing.sha256_file(src_path, (lambda d, t: progress(stage, d, t)) if progress else None)
     note = " (metadata of an older BlockMerge layout kept as it was)" if keep_metadata else ""

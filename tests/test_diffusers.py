@@ -595,3 +595,31 @@ def test_folder_in_a_merge_chain_and_a_chain_written_as_a_folder(layouts, tmp_pa
     assert tensors_equal(ref.output, back) == []
     with pytest.raises(MergeError, match="output would write into or replace an input model"):
         merge_to_folder(chain(fa), fa / "x")
+
+
+def test_reproduce_of_a_merged_folder_writes_a_folder_with_the_same_content(layouts, tmp_path, sd15_listing, capsys):
+    """A folder written by a merge (its recipe in the UNet header) reproduces as a folder beside it whose weight
+    files have the same content hash; a changed weight file is reported, not accepted."""
+    from lib_merge.cli import main
+    from lib_merge.reproduce import reproduce
+    fa = folder_from(layouts["sd1"], tmp_path / "fa", "sd1")
+    b = S.write_checkpoint(tmp_path / "b.safetensors", sd15_listing, seed=8)
+    out = tmp_path / "merged"
+    res = merge_to_folder({"models": [str(fa), str(b)], "alpha": 0.35, "weights": "GRAD_V"}, out)
+    ok, new, msg = reproduce(str(out))
+    assert ok, msg
+    assert new == tmp_path / "merged.reproduced" and (new / "model_index.json").is_file()
+    assert msg.startswith(f"identical: {new} has sha256 {res.sha256}")
+    assert tensors_equal(out / "unet" / "diffusion_pytorch_model.safetensors",
+                         new / "unet" / "diffusion_pytorch_model.safetensors") == []
+    assert main(["reproduce", str(out), "-o", str(tmp_path / "again"), "-q"]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert main(["reproduce", str(out), "-o", str(tmp_path / "again"), "-q"]) == 2  # exists: not overwritten
+    assert "exists" in capsys.readouterr().err
+    vae = out / "vae" / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(vae))
+    first = sorted(t)[0]
+    t[first] = t[first] + 1
+    save_file(t, str(vae))
+    ok, _, msg = reproduce(str(out), str(tmp_path / "third"))
+    assert not ok and msg.startswith("DIFFERENT: ")
