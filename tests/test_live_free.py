@@ -10,22 +10,9 @@ from lib_merge import synthetic as S
 from lib_merge.errors import MergeError, MergeInterrupted
 from lib_merge.live import CachePolicy, LiveSession, fingerprint
 from lib_merge.recipe import Recipe
+from test_live import ModuleTarget
 
 JOIN_S = 10
-
-
-class ModuleTarget:
-    def __init__(self, module):
-        self.module = module
-
-    def params(self):
-        return dict(self.module.named_parameters())
-
-    def prepare(self, keys):
-        pass
-
-    def written(self, keys):
-        pass
 
 
 def _session(models, sd15_listing, policy):

@@ -13,22 +13,9 @@ from safetensors.torch import load_file
 from lib_merge import synthetic as S
 from lib_merge.live import LiveSession
 from lib_merge.recipe import Recipe
+from test_live import ModuleTarget
 
 JOIN_S = 10  # every wait is bounded: a broken fix fails instead of hanging CI
-
-
-class ModuleTarget:
-    def __init__(self, module):
-        self.module = module
-
-    def params(self):
-        return dict(self.module.named_parameters())
-
-    def prepare(self, keys):
-        pass
-
-    def written(self, keys):
-        pass
 
 
 @pytest.fixture
