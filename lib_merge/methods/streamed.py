@@ -271,8 +271,8 @@ def dare(tensors: list[Tensor], alpha: float, density: float, seed: int, elect: 
 
         def rescaled(v: Views, s: int, e: int) -> None:
             v.load_deltas(ms, s, e)
-            if density > 0.0:
-                v.Dt.div_(density)
+            if density > 0.0:  # numpy: torch would split this (k × chunk)-element op over its threads
+                np.divide(v.D, np.float32(density), out=v.D)
 
         for s, e, v in c.spans():
             v.a.copy_(a[s:e])
