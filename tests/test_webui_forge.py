@@ -256,3 +256,14 @@ def test_text_encoder_write_clears_conditioning_caches(forge):
     proc.StableDiffusionProcessing.cached_c[:] = ["cond", "x"]
     f["svc"].test_merge({"model_b": "synthB", "alpha": 0.5})
     assert proc.StableDiffusionProcessing.cached_c == [None, None]
+
+
+def test_test_merge_applies_to_the_selected_checkpoint(forge):
+    """Forge loads whatever is selected at the next use: a test merge after choosing another checkpoint merges
+    into that one (loaded now), not into the model that was loaded before."""
+    f = forge
+    svc = f["svc"]
+    svc.test_merge({"model_b": "synthB", "alpha": 0.5})
+    f["sim"].select(f["sd_models"], "synthC")
+    res = svc.test_merge({"model_b": "synthB", "alpha": 0.5})
+    assert res["live"] and svc.status()["loaded"].startswith("synthC") and f["data"].loads == 2

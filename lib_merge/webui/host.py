@@ -141,10 +141,11 @@ def make_target(model):
 
 
 def ensure_model_loaded():
-    """The loaded model; on Forge, which loads lazily at the first generation, load the selected checkpoint now.
+    """The loaded model. Forge loads lazily, at the next generation, whatever checkpoint is selected: load it now
+    (nothing happens when it is loaded already), so a test merge applies to the checkpoint the user sees selected.
     The caller holds ``queue_lock`` (Forge's loader must not run beside a generation)."""
     model = loaded_model()
-    if not is_forge() or is_forge_model(model):
+    if not is_forge():
         return model
     sdm = _m("sd_models")
     if not getattr(sdm.model_data, "forge_loading_parameters", None) or not hasattr(sdm, "forge_model_reload"):
