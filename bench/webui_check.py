@@ -179,8 +179,7 @@ def main() -> int:
         from lib_merge.live import fingerprint
         from lib_merge.io.sources import open_source
         with open_source(r["path"]) as src:
-            saved = {k: src.read(k) for k in src.infos if k.startswith(("model.diffusion_model.", "cond_stage_model."))
-                     and src.infos[k].dtype.startswith("F")}
+            saved = {k: src.read(k) for k in fp_live["keys"]}  # the keys the live model holds
         same = fingerprint(saved) == fp_live["fingerprint"]
         print(f"  saved file's UNet + text encoder == live merged weights (fingerprint): {same}")
         ok &= same

@@ -429,14 +429,15 @@ class Service:
         }
 
     def fingerprint(self) -> dict:
-        """sha256 over the loaded model's UNet + text-encoder parameters by file key (LoRA folded back)."""
+        """sha256 over the loaded model's UNet + text-encoder parameters by file key (LoRA folded back), and the
+        file keys it covers (on Forge, what Forge loads of the file: it drops keys its text encoders lack)."""
         from ..live import fingerprint
         model = self._model()
         target = host.make_target(model)
         with target.write_context():
             target.prepare(list(target.params()))
         params = target.params()
-        return {"fingerprint": fingerprint(params), "tensors": len(params),
+        return {"fingerprint": fingerprint(params), "tensors": len(params), "keys": sorted(params),
                 "loaded": model.sd_checkpoint_info.title, "live": self.status()["live"]}
 
     def _intact(self, model) -> bool:
