@@ -163,6 +163,8 @@ def test_live_values_are_the_file_merge_and_save_equals_the_preview(forge):
     saved = load_file(res["path"])
     assert all(torch.equal(saved[k], v) for k, v in live.items())
     assert "merged_fp32.safetensors" in f["sd_models"].checkpoint_aliases
+    # the loaded checkpoint stays selected, spelt as Forge's dropdown lists it (its name, no hash)
+    assert f["shared"].opts.data["sd_model_checkpoint"] == f["sd_models"].checkpoint_aliases["synthA"].name
 
 
 def test_interrupt_midway_leaves_previous_state(forge, monkeypatch):

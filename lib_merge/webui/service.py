@@ -343,8 +343,8 @@ class Service:
         if model is not None and getattr(model, "sd_checkpoint_info", None) is not None:
             loaded = os.path.realpath(model.sd_checkpoint_info.filename)
             cur = next((i for i in sdm.checkpoints_list.values() if os.path.realpath(i.filename) == loaded), None)
-            if cur is not None:
-                host.opts().data["sd_model_checkpoint"] = cur.title
+            if cur is not None:  # as the host's checkpoint dropdown lists it (Forge: names, no hash)
+                host.opts().data["sd_model_checkpoint"] = cur.name if host.is_forge() else cur.title
 
     def merge_file(self, params: dict) -> dict:
         """``POST merge``: a file merge of any models (A defaults to nothing: it is required)."""
