@@ -96,7 +96,8 @@ def _forge_reason(model) -> str | None:
         if model is not None and hasattr(model, "model") and getattr(model, "sd_checkpoint_info", None) is not None:
             return ("the live test merge is not supported on reForge / Forge Classic (A1111-style models on the "
                     "ldm_patched backend), so neither is Save (it saves the live test merge); Merge to file works")
-        return "no model is loaded; load a checkpoint first (Forge loads it at the first generation)"
+        return ("no model is loaded yet; Forge loads the selected checkpoint at the first generation, Test merge or "
+                "Preview")
     engine = type(model).__name__
     config = type(getattr(model, "model_config", None)).__name__
     if engine not in FORGE_ENGINES or getattr(model, "is_sd3", False) or (
