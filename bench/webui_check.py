@@ -92,13 +92,15 @@ def endpoints(args) -> tuple[str, str, Path]:
 
 def ensure_loaded(u: str, a: str) -> bool:
     """Load checkpoint ``a`` (and render once, which loads the model) unless it is loaded. True if it loaded."""
-    for _ in range(120):  # the WebUI loads its checkpoint in the background at startup: wait for it
+    for _ in range(120):  # A1111 loads its checkpoint in the background at startup: wait for it
         code, st, _ = call(u + "/blockmerge/v1/status")
-        if st.get("loaded"):
+        if st.get("loaded") or st.get("selected"):  # Forge loads lazily: it only has a selected checkpoint
             break
         time.sleep(1)
     if st.get("loaded") and st["loaded"].startswith(a):
         return False
+    if not st.get("loaded") and (st.get("selected") or "").startswith(a):
+        return True  # Forge: the first render loads it
     code, r, s = call(u + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": a})
     print(f"loaded {a}: HTTP {code} in {s:.1f} s")
     return True
@@ -177,8 +179,7 @@ def main() -> int:
         from lib_merge.live import fingerprint
         from lib_merge.io.sources import open_source
         with open_source(r["path"]) as src:
-            saved = {k: src.read(k) for k in src.infos if k.startswith(("model.diffusion_model.", "cond_stage_model."))
-                     and src.infos[k].dtype.startswith("F")}
+            saved = {k: src.read(k) for k in fp_live["keys"]}  # the keys the live model holds
         same = fingerprint(saved) == fp_live["fingerprint"]
         print(f"  saved file's UNet + text encoder == live merged weights (fingerprint): {same}")
         ok &= same

@@ -119,11 +119,12 @@ def main() -> int:
     bm = u + "/blockmerge/v1"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for _ in range(120):  # the WebUI loads its checkpoint in the background at startup
-        if get(bm + "/status").get("loaded"):
+    for _ in range(120):  # A1111 loads its checkpoint in the background at startup; Forge at first use
+        st = get(bm + "/status")
+        if st.get("loaded") or st.get("selected"):
             break
         time.sleep(1)
-    fp0 = get(bm + "/fingerprint")["fingerprint"]
+    fp0 = get(bm + "/fingerprint")["fingerprint"]  # on Forge this loads the selected checkpoint
     profile = tempfile.mkdtemp(prefix="blockmerge-chromium-")
     proc = subprocess.Popen([args.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                              "--disable-background-networking", "--disable-component-update", "--disable-sync",

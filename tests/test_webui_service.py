@@ -286,15 +286,3 @@ def test_cache_setting_takes_effect_at_the_next_test_merge(webui):
     svc.restore()
     assert live_fp(model) == before
 
-
-def test_forge_message_says_save_needs_the_live_merge(webui, monkeypatch):
-    """Save writes the live test merge, which Forge cannot run: the message must not promise Save."""
-    from lib_merge.webui import host
-    monkeypatch.setattr(host, "is_forge", lambda: True)
-    reason = host.unsupported_reason(webui["model"])
-    assert reason == ("the live test merge is not supported on Forge-family WebUIs, so neither is Save (it saves "
-                      "the live test merge); Merge to file works")
-    with pytest.raises(host.MergeError, match="not supported on Forge-family WebUIs, so neither is Save"):
-        webui["svc"].test_merge({"model_b": "synthB"})
-    with pytest.raises(host.MergeError, match="no test merge is live: run Test merge first"):
-        webui["svc"].save("out")

@@ -313,7 +313,6 @@ class LiveSession:
             before = sum(self.bytes_read().values())
             caches = [self._input(m, role(i)) for i, m in enumerate(recipe.models)]
             plan = build_plan(recipe, [c.source() for c in caches], stats_cache=self._stats)
-            params = self.target.params()
             by_key = plan.by_key()
             report = ApplyReport()
             todo: list[tuple[KeyPlan | None, str, Signature | None]] = []  # sig None: only verify
@@ -329,6 +328,7 @@ class LiveSession:
             a_infos = self.a.source().infos
             todo.sort(key=lambda t: a_infos[t[1]].start)  # file order: sequential reads, contiguous releases
             self.target.prepare([k for _, k, _ in todo])
+            params = self.target.params()  # after prepare: a host may replace parameters when it unpatches
             used = caches[: plan.formula.models]
             done: list[tuple[str, Signature]] = []
             try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MergeError
@@ -49,11 +50,71 @@ def is_forge() -> bool:
         return False
 
 
+def is_forge_model(model) -> bool:
+    """A Forge (``backend/``) model object: its weights live in ``forge_objects``, not ``model.model``."""
+    return model is not None and hasattr(model, "forge_objects")
+
+
+# Forge engines (``backend/diffusion_engine``) the live merge maps, by class name, with the kind of each
+FORGE_ENGINES = {"StableDiffusion": "sd1", "StableDiffusion2": "sd2", "StableDiffusionXL": "sdxl"}
+FORGE_CONFIGS = {"SD15", "SD20", "SDXL"}  # huggingface_guess model configs (SSD-1B, unCLIP, refiners: not these)
+FORGE_NAMES = {"Flux": "Flux", "Chroma": "Chroma", "StableDiffusion3": "SD3", "StableDiffusionXLRefiner": "SDXL refiner"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this host and its loaded model support, with the reason when something is refused."""
+    host: str  # "a1111" or "forge"
+    live: bool  # Test merge, Restore, X/Y/Z axes, fingerprint
+    reason: str | None  # why there is no live merge (None when there is)
+    save: bool  # Save writes the live merge, so it needs one
+    file_merge: bool = True  # Merge to file needs no loaded model, on every host
+    kind: str | None = None  # sd1 / sd2 / sdxl when live
+
+
+def capabilities(model) -> Capabilities:
+    name = "forge" if is_forge() else "a1111"
+    reason = _forge_reason(model) if name == "forge" else _a1111_reason(model)
+    kind = None
+    if reason is None:
+        kind = forge_kind(model) if name == "forge" else (
+            "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1")
+    return Capabilities(host=name, live=reason is None, reason=reason, save=reason is None, kind=kind)
+
+
 def unsupported_reason(model) -> str | None:
     """Why a live merge cannot run on this host/model, as a message for the user (None when it can)."""
-    if is_forge():
-        return ("the live test merge is not supported on Forge-family WebUIs, so neither is Save (it saves the live "
-                "test merge); Merge to file works")
+    return capabilities(model).reason
+
+
+def forge_kind(model) -> str | None:
+    return FORGE_ENGINES.get(type(model).__name__)
+
+
+def _forge_reason(model) -> str | None:
+    if not is_forge_model(model):
+        if model is not None and hasattr(model, "model") and getattr(model, "sd_checkpoint_info", None) is not None:
+            return ("the live test merge is not supported on reForge / Forge Classic (A1111-style models on the "
+                    "ldm_patched backend), so neither is Save (it saves the live test merge); Merge to file works")
+        return ("no model is loaded yet; Forge loads the selected checkpoint at the first generation, Test merge or "
+                "Preview")
+    engine = type(model).__name__
+    config = type(getattr(model, "model_config", None)).__name__
+    if engine not in FORGE_ENGINES or getattr(model, "is_sd3", False) or (
+            getattr(model, "model_config", None) is not None and config not in FORGE_CONFIGS):
+        what = FORGE_NAMES.get(engine) or (config if config != "NoneType" else engine)
+        return (f"{what} models are not supported by the live test merge (no block map yet: SD1, SD2 and SDXL "
+                f"are), so neither is Save; Merge to file works for SD1/SD2/SDXL files")
+    params = getattr(_m("sd_models").model_data, "forge_loading_parameters", None) or {}
+    if params.get("unet_storage_dtype") is not None:
+        return ("the loaded model stores its UNet in a reduced dtype (Diffusion in Low Bits); set it to "
+                "Automatic to test merges live")
+    if getattr(model, "sd_checkpoint_info", None) is None:
+        return "the loaded model has no checkpoint file"
+    return None
+
+
+def _a1111_reason(model) -> str | None:
     if model is None:
         return "no model is loaded; load a checkpoint first"
     if getattr(_m("devices"), "fp8", False):
@@ -69,6 +130,39 @@ def unsupported_reason(model) -> str | None:
     if getattr(model, "sd_checkpoint_info", None) is None:
         return "the loaded model has no checkpoint file"
     return None
+
+
+def make_target(model):
+    """The live target of ``model``: Forge's (``forge_objects``) or A1111's (``model.model``)."""
+    if is_forge_model(model):
+        from .forge_target import ForgeTarget
+        return ForgeTarget(model)
+    from .target import WebUITarget
+    return WebUITarget(model)
+
+
+def ensure_model_loaded():
+    """The loaded model. Forge loads lazily, at the next generation, whatever checkpoint is selected: load it now
+    (nothing happens when it is loaded already), so a test merge applies to the checkpoint the user sees selected.
+    The caller holds ``queue_lock`` (Forge's loader must not run beside a generation)."""
+    model = loaded_model()
+    if not is_forge():
+        return model
+    sdm = _m("sd_models")
+    if not getattr(sdm.model_data, "forge_loading_parameters", None) or not hasattr(sdm, "forge_model_reload"):
+        return model
+    try:
+        sdm.forge_model_reload()
+    except Exception as e:  # no checkpoint, unreadable file…: say so instead of a traceback
+        raise MergeError(f"could not load the selected checkpoint: {e}") from None
+    return loaded_model()
+
+
+def selected_checkpoint() -> str | None:
+    """Forge: the checkpoint the next generation loads (the title), while none is loaded yet."""
+    params = getattr(_m("sd_models").model_data, "forge_loading_parameters", None) or {}
+    info = params.get("checkpoint_info")
+    return getattr(info, "title", None)
 
 
 def models_dir() -> Path:

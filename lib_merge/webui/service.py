@@ -29,7 +29,6 @@ from . import host
 from .chain import describe, first_a, map_models, model_slots, pin_first_a, step_body
 from .names import output_path
 from .params import flag, to_recipe
-from .target import WebUITarget
 
 
 class Conflict(MergeError):
@@ -146,10 +145,15 @@ class Service:
         return map_models(out, name)
 
     def _model(self):
-        model = host.loaded_model()
-        reason = host.unsupported_reason(model)
-        if reason:
-            raise Unsupported(reason)
+        """The loaded model, loaded now on Forge (lazy until the first generation); refused when this host or
+        model cannot do a live merge. Callers hold ``queue_lock``."""
+        try:
+            model = host.ensure_model_loaded()
+        except MergeError as e:
+            raise Unsupported(str(e)) from None
+        caps = host.capabilities(model)
+        if not caps.live:
+            raise Unsupported(caps.reason)
         return model
 
     def _session_for(self, model) -> LiveSession:
@@ -161,7 +165,7 @@ class Service:
             s.set_policy(policy)
             return s
         self.drop("new model")
-        self.session = LiveSession(WebUITarget(model), a_path, cache=policy)
+        self.session = LiveSession(host.make_target(model), a_path, cache=policy)
         self.model_ref = weakref.ref(model)
         return self.session
 
@@ -218,8 +222,9 @@ class Service:
         t_apply = time.perf_counter()
         self._progress("test merge", 0, 1)
         try:
-            report = session.apply(recipe, cancel=host.interrupted,
-                                   progress=lambda d, t: self._progress("test merge", d, t))
+            with session.target.write_context():
+                report = session.apply(recipe, cancel=host.interrupted,
+                                       progress=lambda d, t: self._progress("test merge", d, t))
         finally:
             self._progress("idle")
         t_done = time.perf_counter()
@@ -245,7 +250,8 @@ class Service:
         model = host.loaded_model()
         if s is None or self.model_ref is None or self.model_ref() is not model:
             return {"restored": 0, "seconds": 0.0, "message": "nothing to restore: no test merge is live"}
-        n = s.restore()
+        with s.target.write_context():
+            n = s.restore()
         self.live_params = None
         self.sentinels = {}
         msg = f"original weights restored ({n} tensors){cache_note(self.status())}; Free memory drops them"
@@ -260,7 +266,8 @@ class Service:
         if s is None:
             freed = 0
         elif self.model_ref is not None and self.model_ref() is host.loaded_model():
-            freed = s.free().bytes_freed
+            with s.target.write_context():
+                freed = s.free().bytes_freed
         else:
             freed = s.cache_bytes()
             self.drop("")
@@ -336,8 +343,8 @@ class Service:
         if model is not None and getattr(model, "sd_checkpoint_info", None) is not None:
             loaded = os.path.realpath(model.sd_checkpoint_info.filename)
             cur = next((i for i in sdm.checkpoints_list.values() if os.path.realpath(i.filename) == loaded), None)
-            if cur is not None:
-                host.opts().data["sd_model_checkpoint"] = cur.title
+            if cur is not None:  # as the host's checkpoint dropdown lists it (Forge: names, no hash)
+                host.opts().data["sd_model_checkpoint"] = cur.name if host.is_forge() else cur.title
 
     def merge_file(self, params: dict) -> dict:
         """``POST merge``: a file merge of any models (A defaults to nothing: it is required)."""
@@ -404,8 +411,11 @@ class Service:
         for path, n in (snap.bytes_read if snap else {}).items():
             reads[path] = reads.get(path, 0) + n
         info = getattr(model, "sd_checkpoint_info", None) if model is not None else None
+        caps = host.capabilities(model) if model is not None else None
         return {
             "loaded": getattr(info, "title", None),
+            "host": "forge" if host.is_forge() else "a1111",
+            "selected": None if info is not None or not host.is_forge() else host.selected_checkpoint(),
             "live": live,
             "merged_tensors": snap.merged_tensors if snap else 0,
             "params": self.live_params if live else None,
@@ -415,16 +425,19 @@ class Service:
             "cache_bytes": snap.cache_bytes if snap else 0,  # RAM / VRAM the caches hold
             "cache_pending_bytes": snap.cache_pending if snap else 0,  # still being copied into RAM
             "message": self.last_message,
-            "unsupported": host.unsupported_reason(model) if model is not None else None,
+            "unsupported": caps.reason if caps is not None else None,
         }
 
     def fingerprint(self) -> dict:
-        """sha256 over the loaded model's UNet + text-encoder parameters by file key (LoRA folded back)."""
+        """sha256 over the loaded model's UNet + text-encoder parameters by file key (LoRA folded back), and the
+        file keys it covers (on Forge, what Forge loads of the file: it drops keys its text encoders lack)."""
         from ..live import fingerprint
         model = self._model()
-        target = WebUITarget(model)
-        target.prepare(list(target.params()))
-        return {"fingerprint": fingerprint(target.params()), "tensors": len(target.params()),
+        target = host.make_target(model)
+        with target.write_context():
+            target.prepare(list(target.params()))
+        params = target.params()
+        return {"fingerprint": fingerprint(params), "tensors": len(params), "keys": sorted(params),
                 "loaded": model.sd_checkpoint_info.title, "live": self.status()["live"]}
 
     def _intact(self, model) -> bool:

@@ -7,6 +7,7 @@ before any read and cleared after every write, so it cannot silently undo a merg
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -57,6 +58,10 @@ class WebUITarget:
             if len(out) == 1:
                 break  # the direct parent (MultiheadAttention owns out_proj's backup)
         return out
+
+    def write_context(self):
+        """A1111's parameters are ordinary tensors: writes need no context (they run under ``no_grad``)."""
+        return contextlib.nullcontext()
 
     def params(self) -> dict[str, torch.Tensor]:
         # looked up at call time: under --lowvram/--medvram the .data moves between devices

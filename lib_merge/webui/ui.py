@@ -594,9 +594,9 @@ def create_tab():
 
         def do_preview(pr, neg, sd, st, w, h, smp, cf):
             try:
-                reason = host.unsupported_reason(host.loaded_model())
-                if reason and "Forge" not in reason:
-                    raise MergeError(reason)
+                caps = host.capabilities(host.ensure_model_loaded())  # Forge loads lazily: load it now
+                if not caps.live:
+                    raise MergeError(caps.reason)
                 img, info = _preview(pr, neg, sd, st, w, h, smp, cf)
             except MergeError as e:
                 return [gr.update(), gr.update(), status_html(str(e), True)]
