@@ -65,7 +65,7 @@ class LiveStatus:
 @dataclass(frozen=True)
 class FreeReport:
     bytes_freed: int  # RAM / VRAM the caches let go
-    bytes_kept: int  # what they still hold: A's tensors of the keys the live merge wrote (its restore source)
+    bytes_kept: int  # what they hold (once copied to RAM): A's tensors of the keys the live merge wrote (restore source)
 
 
 @dataclass
@@ -471,8 +471,11 @@ class LiveSession:
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()  # the allocator's cached blocks: VRAM really goes back
             pages.trim_heap()
-            self._materialize_later()  # ``cpu``: kept tensors still mapped (a copy was stopped) go on to RAM
-            return FreeReport(bytes_freed=freed, bytes_kept=self.cache_bytes())
+            # counted before the copier starts (it moves bytes from pending to held while it runs): what the
+            # caches hold once kept tensors still mapped (a copy was stopped) are in RAM
+            kept = sum(c.held_bytes() + c.pending_bytes() for c in self._caches())
+            self._materialize_later()  # ``cpu``: those mapped tensors go on to RAM
+            return FreeReport(bytes_freed=freed, bytes_kept=kept)
 
     @property
     def is_merged(self) -> bool:
