@@ -522,13 +522,24 @@ def test_diffusers_loads_our_folder_strict_and_computes_the_same(tmp_path, arch)
     ctx = {"sd1": 768, "sd2": 1024, "sdxl": 2048}[arch]
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, ctx)
     kw = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 16), "time_ids": torch.randn(1, 6)}} if arch == "sdxl" else {}
-    mine_unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    # from_pretrained loads the folder as a user would; its parameters are views of the mapped file, whose
+    # alignment picks a different CPU conv kernel (summation order: 2e-6 apart on an AVX-512 machine), so the
+    # forward pass runs on copies in freshly allocated (aligned) parameters: equal bits to the original's.
+    mine_unet = aligned(diffusers.UNet2DConditionModel.from_pretrained(out / "unet").eval())
+    mine_vae = aligned(diffusers.AutoencoderKL.from_pretrained(out / "vae").eval())
     with torch.no_grad():
         assert torch.equal(mine_unet(x, t, c, **kw).sample, unet(x, t, c, **kw).sample)
         img = torch.randn(1, 3, 16, 16)
-        mine_vae = diffusers.AutoencoderKL.from_pretrained(out / "vae").eval()
         assert torch.equal(mine_vae.decode(mine_vae.encode(img).latent_dist.mean).sample,
                            vae.decode(vae.encode(img).latent_dist.mean).sample)
+
+
+def aligned(model):
+    """``model`` with every parameter and buffer copied into memory torch allocates."""
+    with torch.no_grad():
+        for p in [*model.parameters(), *model.buffers()]:
+            p.data = p.data.clone()
+    return model
 
 
 def test_reproduce_finds_a_folder_input_by_hash_and_by_name(layouts, tmp_path, sd15_listing):
