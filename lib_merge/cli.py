@@ -386,7 +386,9 @@ def methods_text() -> str:
 
 
 def cmd_methods(args) -> int:
+    from .methods import kernels
     print(methods_text())
+    print(f"CPU kernels for ties, dare and dare_ties: {kernels.status()}")
     return 0
 
 

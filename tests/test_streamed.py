@@ -1,15 +1,37 @@
 """The streamed CPU kernels of TIES, DARE and DARE-TIES (``methods/streamed.py``) give the whole-tensor formulas'
 bits: across chunk boundaries, with fp16 and fp32 inputs, NaN/±inf entries, ties at the threshold, a bracket the
 sample misjudges, and densities that keep all or nothing; they never write their inputs; DARE's draws do not
-depend on chunking."""
+depend on chunking. Every test runs twice: on the numpy path and on the numba kernels (``methods/kernels.py``)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from lib_merge.methods import kernels
 from lib_merge.methods import streamed as S
 from lib_merge.methods import taskvec as tv
+
+BACKENDS = ["numpy", "numba"]
+
+
+def use_backend(monkeypatch, backend):
+    """Run on one backend; the numba one must load wherever numba is installed (a silent numpy fallback would
+    make these tests check the numpy path twice)."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+        monkeypatch.delenv("BLOCKMERGE_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("BLOCKMERGE_KERNELS", "numpy")
+    kernels.reset()
+    assert (kernels.get() is not None) == (backend == "numba"), kernels.status()
+
+
+@pytest.fixture(params=BACKENDS, autouse=True)
+def backend(request, monkeypatch):
+    use_backend(monkeypatch, request.param)
+    yield request.param
+    kernels.reset()
 
 
 def _bits(t):

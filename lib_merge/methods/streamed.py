@@ -13,6 +13,9 @@ formulas in ``taskvec.py`` give it (tests compare the bits).
 - DARE's keep masks come from :class:`KeepDraws`: one SFC64 stream per key and model (numpy's ``random_raw``,
   a stream numpy keeps fixed across versions), one 32-bit draw per entry in order, so a mask depends on
   neither chunking, threads nor device.
+- When numba is installed, the counting pass and the merge pass run as compiled kernels (``kernels.py``) with
+  the same numbers; the numpy chunks below then only redo the chunks the kernels flag (a non-finite total),
+  and do everything for inputs the kernels do not take (bf16, mixed task-vector dtypes).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import kernels
 
 CHUNK = 1 << 15  # elements per chunk: torch splits an op over its threads only above 32768 elements (its grain
 # size), so every op on a chunk stays on the calling thread (no thread-pool wake-ups per op: 2 threads on a busy
@@ -114,10 +119,41 @@ def thresholds(a: Tensor, ms: list[Tensor], density: float) -> list[Trim]:
             return [ZERO] * len(ms)
         brackets = [_bracket(a, m, k) for m in ms]
         cap = n // 16 + SAMPLE  # most candidates collected per task vector before giving up on its bracket
-        above, within = [0] * len(ms), [0] * len(ms)
-        parts: list[list[np.ndarray]] = [[] for _ in ms]
         lo = np.array([br[0] for br in brackets], dtype=np.float32)[:, None]
         hi = np.array([br[1] for br in brackets], dtype=np.float32)[:, None]
+        counted = _kernel_counts(a, ms, lo, hi, cap)
+        if counted is None:
+            counted = _numpy_counts(a, ms, lo, hi, cap)
+        above, within, parts = counted
+        out: list[Trim] = []
+        for i, m in enumerate(ms):
+            t = _pick(a, m, k, brackets[i], above[i], within[i], parts[i], cap)
+            out.append(None if math.isnan(t) else t)
+        return out
+
+
+def _kernel_counts(a: Tensor, ms: list[Tensor], lo: np.ndarray, hi: np.ndarray, cap: int):
+    """``_numpy_counts`` by the compiled kernel (None when it cannot run on these inputs)."""
+    kern = kernels.get()
+    ins = kernels.inputs(a, ms) if kern is not None else None
+    if ins is None:
+        return None
+    above = np.zeros(len(ms), dtype=np.int64)
+    within = np.zeros(len(ms), dtype=np.int64)
+    cand = np.empty((len(ms), min(cap, a.numel()) + 1), dtype=np.float32)
+    if not _run(kern.bracket_counts, ins[0], ins[1], lo[:, 0].copy(), hi[:, 0].copy(), above, within, cand):
+        return None
+    parts = [[cand[i, :min(int(within[i]), cand.shape[1] - 1)]] for i in range(len(ms))]
+    return [int(x) for x in above], [int(x) for x in within], parts
+
+
+def _numpy_counts(a: Tensor, ms: list[Tensor], lo: np.ndarray, hi: np.ndarray, cap: int):
+    """Per task vector: the entries whose magnitude is above its bracket (NaN counted above), how many lie
+    inside it, and those inside (collected while at most ``cap``)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        n = a.numel()
+        above, within = [0] * len(ms), [0] * len(ms)
+        parts: list[list[np.ndarray]] = [[] for _ in ms]
         c = Chunks(n, len(ms))
         for s, e, v in c.spans():
             v.a.copy_(a[s:e])
@@ -133,11 +169,7 @@ def thresholds(a: Tensor, ms: list[Tensor], density: float) -> list[Trim]:
                 within[i] += got
                 if got and within[i] <= cap:
                     parts[i].append(mag[i][inside[i]])
-        out: list[Trim] = []
-        for i, m in enumerate(ms):
-            t = _pick(a, m, k, brackets[i], above[i], within[i], parts[i], cap)
-            out.append(None if math.isnan(t) else t)
-        return out
+        return above, within, parts
 
 
 def _pick(a: Tensor, m: Tensor, k: int, bracket: tuple[np.float32, np.float32], above: int, within: int,
@@ -246,7 +278,10 @@ def ties(tensors: list[Tensor], alpha: float, density: float, exact: Exact) -> T
         cut = _cuts(trims)
         out = torch.empty(a.numel(), dtype=torch.float32)
         c = Chunks(a.numel(), len(ms))
+        redo = _kernel_ties(a, ms, cut, alpha, out)
         for s, e, v in c.spans():
+            if redo is not None and not redo[s // CHUNK]:
+                continue
             v.a.copy_(a[s:e])
             v.load_deltas(ms, s, e)
             if cut is not None:
@@ -274,7 +309,12 @@ def dare(tensors: list[Tensor], alpha: float, density: float, seed: int, elect: 
             if density > 0.0:  # numpy: torch would split this (k × chunk)-element op over its threads
                 np.divide(v.D, np.float32(density), out=v.D)
 
+        redo = _kernel_dare(a, ms, seed, density, elect, alpha, out)
         for s, e, v in c.spans():
+            if redo is not None:
+                if not redo[s // CHUNK]:
+                    continue
+                draws = _draws_at(seed, len(ms), s)
             v.a.copy_(a[s:e])
             for dr, keep in zip(draws, v.K):
                 keep_fixed(dr.next(v.L), density, keep)
@@ -286,3 +326,62 @@ def dare(tensors: list[Tensor], alpha: float, density: float, seed: int, elect: 
                 tau = exact([d.masked_fill_(torch.from_numpy(~keep), 0.0) for d, keep in zip(v.d, v.K)])
             torch.add(v.a, tau, alpha=alpha, out=out[s:e])
         return out.view(tensors[0].shape)
+
+
+# -- the compiled kernels -----------------------------------------------------------------------------------
+def _run(kernel: Callable, *args) -> bool:
+    """Call a compiled kernel; False (and the numpy path from now on) when it fails."""
+    try:
+        kernel(*args)
+        return True
+    except Exception as e:  # e.g. numba cannot compile for this machine: the numpy path gives the same numbers
+        kernels.disable(e)
+        return False
+
+
+def _kernel_ties(a: Tensor, ms: list[Tensor], cut: Optional[np.ndarray], alpha: float,
+                 out: Tensor) -> Optional[np.ndarray]:
+    """``ties``'s merge pass by the compiled kernel into ``out``; returns the flags of the chunks to compute again
+    (their totals are not finite), or None when the kernel cannot run (the numpy path does every chunk)."""
+    kern = kernels.get()
+    ins = kernels.inputs(a, ms) if kern is not None else None
+    if ins is None:
+        return None
+    cuts = np.zeros(len(ms), dtype=np.float32) if cut is None else cut[:, 0].copy()
+    redo = np.zeros(a.numel() // CHUNK + 1, dtype=bool)
+    if not _run(kern.ties, ins[0], ins[1], cuts, np.float32(alpha), kern.fused, out.numpy(), redo, CHUNK):
+        return None
+    return redo
+
+
+def _kernel_dare(a: Tensor, ms: list[Tensor], seed: int, density: float, elect: bool, alpha: float,
+                 out: Tensor) -> Optional[np.ndarray]:
+    """``dare``'s pass by the compiled kernel into ``out`` (the same draws: each model's SFC64 stream, stepped by
+    the kernel from numpy's seeded state); returns the flags of the chunks to compute again, or None when the
+    kernel cannot run."""
+    kern = kernels.get()
+    ins = kernels.inputs(a, ms) if kern is not None else None
+    if ins is None:
+        return None
+    n = a.numel()
+    state = np.stack([KeepDraws(seed, i).bits.state["state"]["state"] for i in range(1, len(ms) + 1)])
+    f32 = float(np.float32(density))
+    thr = np.int64(min(max(math.ceil(f32 * U32), 0), 1 << 32))  # keep_fixed's comparison, as one integer
+    redo = np.zeros(n // CHUNK + 1, dtype=bool)
+    if not _run(kern.dare, ins[0], ins[1], state.astype(np.uint64), thr, np.float32(density), elect,
+                np.float32(alpha), kern.fused, out.numpy(), redo, CHUNK):
+        return None
+    return redo
+
+
+DISCARD = 1 << 20  # draws discarded at a time when the numpy path positions a stream
+
+
+def _draws_at(seed: int, models: int, start: int) -> list[KeepDraws]:
+    """Each model's draws positioned at entry ``start`` (even): the numpy path's streams for a chunk the kernel
+    left to it."""
+    draws = [KeepDraws(seed, i) for i in range(1, models + 1)]
+    for d in draws:
+        for s in range(0, start // 2, DISCARD):  # SFC64 cannot jump: draw and discard, a span at a time
+            d.bits.random_raw(min(DISCARD, start // 2 - s))
+    return draws

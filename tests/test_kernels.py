@@ -1,0 +1,178 @@
+"""The numba kernels (``methods/kernels.py``, ``methods/_jit.py``): they do the work when numba is installed, give
+the numpy path's bits on inputs that span many tiles and chunks, draw DARE's masks from the same SFC64 streams,
+run from several threads at once, and hand over to the numpy path (same numbers) when they cannot run."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lib_merge.methods import kernels
+from lib_merge.methods import streamed as S
+from lib_merge.methods import taskvec as tv
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.delenv("BLOCKMERGE_KERNELS", raising=False)
+    kernels.reset()
+    yield
+    kernels.reset()
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+def _models(n, k=3, dtypes=(torch.float16,) * 4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=g)
+    ms = [a + 0.02 * torch.randn(n, generator=g) for _ in range(k)]
+    return [t.to(dt) for t, dt in zip([a] + ms, dtypes)]
+
+
+def _on_numpy(monkeypatch, fn):
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "numpy")
+    kernels.reset()
+    try:
+        return fn()
+    finally:
+        monkeypatch.delenv("BLOCKMERGE_KERNELS")
+        kernels.reset()
+
+
+def _no_numpy_path(monkeypatch):
+    """Make the numpy path fail if anything reaches it."""
+    def refuse(*a, **k):
+        raise AssertionError("the numpy path ran")
+    monkeypatch.setattr(S, "_numpy_counts", refuse)
+    monkeypatch.setattr(S.Views, "load_deltas", refuse)
+
+
+def test_the_kernels_load_and_say_so():
+    assert kernels.get() is not None
+    assert kernels.status().startswith("numba ")
+    assert kernels.get().fused in (True, False)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("BLOCKMERGE_KERNELS", "numpy")
+    kernels.reset()
+    assert kernels.get() is None
+    assert "BLOCKMERGE_KERNELS=numpy" in kernels.status()
+
+
+@pytest.mark.parametrize("mode", ["ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("dtypes", [(torch.float16,) * 4, (torch.float32,) * 4,
+                                    (torch.float32, torch.float16, torch.float16, torch.float16)])
+def test_kernels_alone_give_the_numpy_paths_bits(monkeypatch, mode, dtypes):
+    ts = _models(3 * (1 << 15) + 777, dtypes=dtypes, seed=1)  # many tiles, several chunks, an odd tail
+    fn = getattr(tv, mode)
+    params = {"density": 0.3}
+    want = _on_numpy(monkeypatch, lambda: fn(ts, 0.3, 0.0, params, "k", 11))
+    _no_numpy_path(monkeypatch)
+    got = fn(ts, 0.3, 0.0, params, "k", 11)
+    assert torch.equal(_bits(got), _bits(want))
+    assert not torch.equal(got, ts[0].float())  # the task vectors moved it off A
+
+
+@pytest.mark.parametrize("mode", ["ties", "dare_ties"])
+def test_a_non_finite_chunk_goes_to_the_exact_formula(monkeypatch, mode):
+    ts = _models(5 * 512 + 3, seed=2)
+    monkeypatch.setattr(S, "CHUNK", 1024)
+    ts[1][1500] = float("inf")
+    ts[2][1500] = float("-inf")
+    ts[3][2560] = float("nan")
+    fn = getattr(tv, mode)
+    want = _on_numpy(monkeypatch, lambda: fn(ts, 0.6, 0.0, {"density": 1.0}, "k", 3))
+    exact_calls = []
+    real = tv.disjoint_mean
+    monkeypatch.setattr(tv, "disjoint_mean", lambda ds: exact_calls.append(1) or real(ds))
+    got = fn(ts, 0.6, 0.0, {"density": 1.0}, "k", 3)
+    assert torch.equal(_bits(got), _bits(want))
+    assert len(exact_calls) == 2  # chunks 1 and 2 (entries 1024-3071) have a non-finite total; 0 and the tail do not
+    assert torch.isfinite(got[:1024]).all() and torch.isfinite(got[3072:]).all()
+
+
+def test_mixed_task_vector_dtypes_use_the_numpy_path_with_the_same_numbers(monkeypatch):
+    ts = _models(4000, dtypes=(torch.float16, torch.float16, torch.float32, torch.float16), seed=3)
+    assert kernels.inputs(ts[0], ts[1:]) is None
+    assert kernels.inputs(ts[0].to(torch.bfloat16), [t.to(torch.bfloat16) for t in ts[1:]]) is None
+    got = tv.ties(ts, 1.0, 0.0, {"density": 0.2}, "k", None)
+    a, ds = tv._deltas(tv._fp32_copies(ts))
+    for d in ds:
+        tv.keep_top(d, 0.2)
+    assert torch.equal(_bits(got), _bits(a.add_(tv.disjoint_mean(ds), alpha=1.0)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 511, 512, 513, 4097])
+def test_kernel_draws_are_keep_draws_streams(n):
+    from lib_merge.methods import _jit
+    state = np.stack([S.KeepDraws(9, i).bits.state["state"]["state"] for i in (1, 2)]).astype(np.uint64)
+    streams = [S.KeepDraws(9, i) for i in (1, 2)]
+    U = np.empty((2, _jit.TILE + 2), np.uint32)
+    done = 0
+    while done < n:
+        L = min(_jit.TILE, n - done)
+        _jit.draws(state, U, L)
+        for i in range(2):
+            assert np.array_equal(U[i, :L], streams[i].next(L))
+        done += L
+
+
+def test_a_failing_kernel_hands_over_to_numpy(monkeypatch):
+    ts = _models(3000, seed=4)
+    want = _on_numpy(monkeypatch, lambda: tv.dare(ts, 0.5, 0.0, {"density": 0.4}, "k", 5))
+    real = kernels.get()
+
+    def broken(*a):
+        raise RuntimeError("no machine code for you")
+    monkeypatch.setitem(kernels._state, "kernels", kernels.Kernels(real.ties, broken, real.bracket_counts,
+                                                                   real.fused))
+    got = tv.dare(ts, 0.5, 0.0, {"density": 0.4}, "k", 5)
+    assert torch.equal(_bits(got), _bits(want))
+    assert kernels.get() is None and "a kernel failed: RuntimeError" in kernels.status()
+
+
+def test_kernels_run_from_several_threads_at_once(monkeypatch):
+    sets = [_models(200_000, seed=10 + i) for i in range(4)]
+    serial = [tv.ties(ts, 0.5, 0.0, {"density": 0.2}, "k", None) for ts in sets]
+    out: dict[int, torch.Tensor] = {}
+
+    def work(i):
+        out[i] = tv.ties(sets[i], 0.5, 0.0, {"density": 0.2}, "k", None)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert torch.equal(_bits(out[i]), _bits(serial[i]))
+
+
+def test_inputs_that_require_grad_are_read_as_they_are():
+    ts = _models(2000, seed=6)
+    ps = [torch.nn.Parameter(t.float()) for t in ts]  # a live model's weights, read under no_grad
+    with torch.no_grad():
+        got = tv.ties(ps, 0.5, 0.0, {"density": 0.2}, "k", None)
+    assert kernels.get() is not None
+    assert torch.equal(_bits(got), _bits(tv.ties([t.float() for t in ts], 0.5, 0.0, {"density": 0.2}, "k", None)))
+
+
+def test_a_compiler_failure_at_load_leaves_the_numpy_path(monkeypatch):
+    def no_compiler(ties):
+        raise RuntimeError("cannot cache function 'ties': no locator available\nmore")
+    monkeypatch.setattr(kernels, "_probe_fma", no_compiler)
+    kernels.reset()
+    assert kernels.get() is None
+    assert kernels.status() == "numpy (numba failed: RuntimeError: cannot cache function 'ties': no locator available)"
+    ts = _models(1000, seed=7)
+    assert torch.isfinite(tv.ties(ts, 1.0, 0.0, {"density": 0.2}, "k", None)).all()
+
+
+def test_methods_says_what_computes_ties_and_dare(capsys):
+    from lib_merge.cli import main
+    assert main(["methods"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"CPU kernels for ties, dare and dare_ties: {kernels.status()}")
