@@ -46,7 +46,9 @@ print(json.dumps({"inproc": time.perf_counter() - t}))
 """
 
 MERGE_CODE = """
-import time, torch
+import os, time, torch
+if KERNELS:
+    os.environ["BLOCKMERGE_KERNELS"] = KERNELS
 from lib_merge.merge import merge_to_file
 t = time.perf_counter()
 res = merge_to_file(RECIPE, OUT, overwrite=True, threads=THREADS)
@@ -59,6 +61,7 @@ class Case:
     name: str
     models: int  # how many of A, F1, F2, F3 (0: idle)
     recipe: dict = field(default_factory=dict)  # Recipe fields other than models
+    kernels: str = ""  # BLOCKMERGE_KERNELS for the case ("numpy": the numpy path even with numba installed)
 
 
 def fixed_cases() -> list[Case]:
@@ -76,6 +79,8 @@ def fixed_cases() -> list[Case]:
         Case("ties", four, {"mode": "ties", "alpha": 1.0, "params": {"density": 0.2}}),
         Case("dare", four, {"mode": "dare", "alpha": 1.0, "seed": 1}),
         Case("dare_ties", four, {"mode": "dare_ties", "alpha": 1.0, "seed": 1}),
+        Case("ties_numpy", four, {"mode": "ties", "alpha": 1.0, "params": {"density": 0.2}}, kernels="numpy"),
+        Case("dare_numpy", four, {"mode": "dare", "alpha": 1.0, "seed": 1}, kernels="numpy"),
         Case("della", four, {"mode": "della", "alpha": 1.0, "seed": 1}),
         Case("model_stock", four, {"mode": "model_stock", "alpha": 1.0}),
         Case("geometric_median", four, {"mode": "geometric_median", "alpha": 1.0}),
@@ -250,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             r = sample_run(IDLE_CODE, {})
         else:
             recipe = {"models": [str(p) for p in paths[:c.models]], **c.recipe}
-            r = sample_run(MERGE_CODE, {"RECIPE": recipe, "OUT": str(out), "THREADS": args.threads})
+            r = sample_run(MERGE_CODE, {"RECIPE": recipe, "OUT": str(out), "THREADS": args.threads,
+                                        "KERNELS": c.kernels})
         results[c.name] = r
         status = f"FAILED: {r['error']}" if "error" in r else (
             f"wall {r['wall']:.2f} s, merge {r['inproc']:.2f} s, peak anon {r['peak_anon'] / MB:.0f} MB")
@@ -265,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(fp16, F = A + {NOISE} N(0,1)), fp16 output, {os.cpu_count()} cores, threads "
           f"{args.threads or 'default'}; merge s = in-process merge_to_file time, x ws = merge s / 2-model "
           f"weighted_sum's; MB = 2^20 bytes" + (f"; not in the registry: {', '.join(absent)}" if absent else ""))
+    from lib_merge.methods import kernels
+    print(f"CPU kernels for ties, dare, dare_ties: {kernels.status()}; *_numpy cases: BLOCKMERGE_KERNELS=numpy")
     for line in table(cases, results) + [""] + checks(results):
         print(line)
     return 1 if any("error" in r for r in results.values()) else 0
