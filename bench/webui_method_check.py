@@ -3,7 +3,8 @@
     python bench/webui_method_check.py [--url http://127.0.0.1:7860] [--b synthB] [--pid PID] [--warm FILE ...]
 
 The companion of webui_check.py (which covers the linear merge): through ``/blockmerge/v1/test`` with the fields
-``method``, ``params`` and ``seed`` it test-merges slerp, then add_noise, and for each checks that the route
+``method``, ``params`` and ``seed`` it test-merges slerp, then add_noise, then the modes ties and dare (whose Save
+must equal ``/merge`` of the same recipe to a file, sha256), and for each checks that the route
 succeeds, a txt2img renders while the merge is live, re-sending the same request recomputes nothing (0 tensors
 written), changing alpha (or the seed) re-merges, and Restore gives back bit-exact weights (fingerprint) and the
 original image's bytes. Requests with a bad method or parameter must answer 422 naming the field and change
@@ -152,6 +153,33 @@ def main() -> int:
     check(r["_code"] == 200 and fingerprint() == fp_noise, "back to the first add_noise request: the same weights "
                                                            "bit for bit (the seed reproduces the noise)")
     restore("add_noise", fp0, img0)
+
+    # --- TIES and DARE (task vectors of B over A; the numba kernels when the WebUI's Python has numba) ---
+    for mode, body in (("ties", {"mode": "ties", "alpha": 1.0, "params": {"density": 0.3}}),
+                       ("dare", {"mode": "dare", "alpha": 1.0, "params": {"density": 0.3}, "seed": args.seed})):
+        r = test(f"{mode} density 0.3", body)
+        check(r["_code"] == 200 and r.get("live") and (r.get("written") or 0) > 0, f"{mode} merges and is live")
+        n_tv = r.get("written")
+        img, info = txt2img(mode)
+        check(bool(img) and img != img0 and "BlockMerge:" in info, f"txt2img while {mode} is live: differs from "
+                                                                   "the original, infotext has BlockMerge")
+        r = test(f"{mode} same again", body)
+        check(r["_code"] == 200 and r.get("written") == 0, f"re-sending the same {mode} request recomputes nothing")
+        body = {**body, "params": {"density": 0.5}}
+        r = test(f"{mode} density 0.5", body)
+        check(r["_code"] == 200 and r.get("written") == n_tv, f"{mode} density 0.5 re-merges all {n_tv} tensors")
+        phase(f"{mode} save vs file merge")
+        name = f"blockmerge-method-check-{mode}"
+        code, saved, s = call(bm + "/save", "POST", {"output": name, "dtype": "fp32", "overwrite": True})
+        print(f"POST save {mode} (fp32): HTTP {code} in {s:.1f} s{hwm()}")
+        code2, merged, s2 = call(bm + "/merge", "POST", {"model_a": args.a, "model_b": args.b, **body,
+                                                         "output": name + "-file", "overwrite": True,
+                                                         "dtype": "fp32", "vae": "a"})
+        print(f"POST merge {mode} (fp32, the same recipe to a file): HTTP {code2} in {s2:.1f} s{hwm()}")
+        check(code == 200 and code2 == 200 and saved.get("sha256") == merged.get("sha256"),
+              f"{mode}: Save of the live merge == the file merge of the same recipe (sha256 "
+              f"{str(saved.get('sha256'))[:12]} vs {str(merged.get('sha256'))[:12]})")
+        restore(mode, fp0, img0)
 
     code, st, _ = call(bm + "/status")
     print("source bytes read:", {Path(k).name: v for k, v in (st.get("bytes_read") or {}).items()})
