@@ -173,8 +173,8 @@ def main() -> int:
         code, saved, s = call(bm + "/save", "POST", {"output": name, "dtype": "fp32", "overwrite": True})
         print(f"POST save {mode} (fp32): HTTP {code} in {s:.1f} s{hwm()}")
         code2, merged, s2 = call(bm + "/merge", "POST", {"model_a": args.a, "model_b": args.b, **body,
-                                                         "output": name + "-file", "overwrite": True,
-                                                         "dtype": "fp32", "vae": "a"})
+                                                         "output": name, "overwrite": True, "dtype": "fp32",
+                                                         "vae": "a"})  # the same name: the metadata names it
         print(f"POST merge {mode} (fp32, the same recipe to a file): HTTP {code2} in {s2:.1f} s{hwm()}")
         check(code == 200 and code2 == 200 and saved.get("sha256") == merged.get("sha256"),
               f"{mode}: Save of the live merge == the file merge of the same recipe (sha256 "
