@@ -176,3 +176,27 @@ def test_methods_says_what_computes_ties_and_dare(capsys):
     from lib_merge.cli import main
     assert main(["methods"]) == 0
     assert capsys.readouterr().out.rstrip().endswith(f"CPU kernels for ties, dare and dare_ties: {kernels.status()}")
+
+
+def test_the_first_load_from_several_threads_at_once_loads_once(monkeypatch):
+    """Four merges start together before the kernels are loaded: one thread loads them (under the lock), every
+    thread computes with them and gets the serial result."""
+    loads = []
+    real = kernels._load
+    monkeypatch.setattr(kernels, "_load", lambda: loads.append(1) or real())
+    sets = [_models(50_000, seed=20 + i) for i in range(4)]
+    kernels.reset()
+    barrier = threading.Barrier(4)
+    out: dict[int, torch.Tensor] = {}
+
+    def work(i):
+        barrier.wait()
+        out[i] = tv.dare(sets[i], 0.5, 0.0, {"density": 0.3}, "k", 2)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [1] and kernels.get() is not None
+    for i in range(4):
+        assert torch.equal(_bits(out[i]), _bits(tv.dare(sets[i], 0.5, 0.0, {"density": 0.3}, "k", 2)))
