@@ -200,3 +200,24 @@ def test_the_first_load_from_several_threads_at_once_loads_once(monkeypatch):
     assert loads == [1] and kernels.get() is not None
     for i in range(4):
         assert torch.equal(_bits(out[i]), _bits(tv.dare(sets[i], 0.5, 0.0, {"density": 0.3}, "k", 2)))
+
+
+@pytest.mark.parametrize("mode, extra", [("ties", {"params": {"density": 0.3}}), ("dare", {"seed": 4}),
+                                         ("dare_ties", {"seed": 4, "params": {"density": 0.5}})])
+def test_a_file_merge_is_the_same_file_on_either_path(monkeypatch, models, tmp_path, mode, extra):
+    from lib_merge.merge import merge_to_file
+    recipe = {"models": [str(models[f"sd15_{n}"]) for n in "abc"], "mode": mode, "alpha": 0.8,
+              "preset": "GRAD_V", **extra}
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numpy").mkdir()  # one file name for both: the metadata records it
+    real = kernels.get()
+    calls = []
+
+    def spy(f):
+        return lambda *a: calls.append(1) or f(*a)
+    monkeypatch.setitem(kernels._state, "kernels", kernels.Kernels(spy(real.ties), spy(real.dare),
+                                                                   real.bracket_counts, real.fused))
+    fast = merge_to_file(recipe, tmp_path / "numba" / "out.safetensors")
+    assert len(calls) > 100  # the kernels merged the tensors (hundreds of keys)
+    slow = _on_numpy(monkeypatch, lambda: merge_to_file(recipe, tmp_path / "numpy" / "out.safetensors"))
+    assert fast.sha256 == slow.sha256
