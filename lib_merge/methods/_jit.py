@@ -38,6 +38,7 @@ def fma32(typingctx, a, b, c):
 
 
 jit = nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+inline = nb.njit(nogil=True, boundscheck=False, error_model="numpy", cache=True, inline="always")  # small helpers
 Z = np.float32(0.0)
 ONE = np.float32(1.0)
 
@@ -54,6 +55,21 @@ def finish(a_t, s, c, alpha, fused, out, L):
         for j in range(L):
             cnt = c[j]
             out[j] = a_t[j] + alpha * ((s[j] + Z) / (cnt if cnt > Z else ONE))
+
+
+@inline
+def start_tile(at, a_t, T, L):
+    """A's tile in fp32 into ``a_t``; the totals ``T`` to +0."""
+    for j in range(L):
+        a_t[j] = to_f32(at[j])
+        T[j] = Z
+
+
+@inline
+def flag(bad, t0, L, chunk):
+    """Mark the chunks (``chunk`` entries each) that the tile [t0, t0 + L) touches."""
+    for q in range(t0 // chunk, (t0 + L - 1) // chunk + 1):
+        bad[q] = True
 
 
 @jit
@@ -103,10 +119,7 @@ def ties(a, ms, cut, alpha, fused, out, bad, chunk):
     c = np.empty(TILE, np.float32)
     for t0 in range(0, n, TILE):
         L = min(TILE, n - t0)
-        at = a[t0:t0 + L]
-        for j in range(L):
-            a_t[j] = to_f32(at[j])
-            T[j] = Z
+        start_tile(a[t0:t0 + L], a_t, T, L)
         for i in range(k):
             m = ms[i][t0:t0 + L]
             Di = D[i]
@@ -117,8 +130,7 @@ def ties(a, ms, cut, alpha, fused, out, bad, chunk):
                 Di[j] = d
                 T[j] += d
         if not elect(D, k, T, s, c, L):
-            for q in range(t0 // chunk, (t0 + L - 1) // chunk + 1):
-                bad[q] = True
+            flag(bad, t0, L, chunk)
         finish(a_t, s, c, alpha, fused, out[t0:t0 + L], L)
 
 
@@ -165,10 +177,7 @@ def dare(a, ms, state, thr, density, do_elect, alpha, fused, out, bad, chunk):
     rescale = density > Z
     for t0 in range(0, n, TILE):
         L = min(TILE, n - t0)
-        at = a[t0:t0 + L]
-        for j in range(L):
-            a_t[j] = to_f32(at[j])
-            T[j] = Z
+        start_tile(a[t0:t0 + L], a_t, T, L)
         draws(state, U, L)
         for i in range(k):
             m = ms[i][t0:t0 + L]
@@ -191,8 +200,7 @@ def dare(a, ms, state, thr, density, do_elect, alpha, fused, out, bad, chunk):
         else:
             ok = plain_sum(D, k, T, s, c, L)
         if not ok:
-            for q in range(t0 // chunk, (t0 + L - 1) // chunk + 1):
-                bad[q] = True
+            flag(bad, t0, L, chunk)
         finish(a_t, s, c, alpha, fused, out[t0:t0 + L], L)
 
 
