@@ -147,18 +147,20 @@ LOW32 = np.uint64(0xFFFFFFFF)
 def draws(state, U, L):
     """The next ``L`` 32-bit draws of each model's SFC64 stream into ``U[i, :L]``: numpy's SFC64 step on
     ``state[i]`` (its a, b, c, counter), two draws per 64-bit output, low half first (``streamed.KeepDraws``).
-    The models' streams are stepped together: independent chains, so the CPU overlaps them."""
+    A stream's state stays in registers through the tile (through memory, the steps were 20% slower)."""
     k = state.shape[0]
-    for h in range((L + 1) // 2):
-        for i in range(k):
-            a, b, c, w = state[i, 0], state[i, 1], state[i, 2], state[i, 3]
+    for i in range(k):
+        a, b, c, w = state[i, 0], state[i, 1], state[i, 2], state[i, 3]
+        Ui = U[i]
+        for h in range((L + 1) // 2):
             tmp = a + b + w
-            state[i, 3] = w + ONE64
-            state[i, 0] = b ^ (b >> U11)
-            state[i, 1] = c + (c << U3)
-            state[i, 2] = ((c << U24) | (c >> U40)) + tmp
-            U[i, 2 * h] = np.uint32(tmp & LOW32)
-            U[i, 2 * h + 1] = np.uint32(tmp >> U32)
+            w += ONE64
+            a = b ^ (b >> U11)
+            b = c + (c << U3)
+            c = ((c << U24) | (c >> U40)) + tmp
+            Ui[2 * h] = np.uint32(tmp & LOW32)
+            Ui[2 * h + 1] = np.uint32(tmp >> U32)
+        state[i, 0], state[i, 1], state[i, 2], state[i, 3] = a, b, c, w
 
 
 @jit
