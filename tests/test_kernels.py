@@ -130,7 +130,7 @@ def test_a_failing_kernel_hands_over_to_numpy(monkeypatch):
     def broken(*a):
         raise RuntimeError("no machine code for you")
     monkeypatch.setitem(kernels._state, "kernels", kernels.Kernels(real.ties, broken, real.bracket_counts,
-                                                                   real.fused))
+                                                                   real.sample_magnitudes, real.fused))
     got = tv.dare(ts, 0.5, 0.0, {"density": 0.4}, "k", 5)
     assert torch.equal(_bits(got), _bits(want))
     assert kernels.get() is None and "a kernel failed: RuntimeError" in kernels.status()
@@ -216,8 +216,18 @@ def test_a_file_merge_is_the_same_file_on_either_path(monkeypatch, models, tmp_p
     def spy(f):
         return lambda *a: calls.append(1) or f(*a)
     monkeypatch.setitem(kernels._state, "kernels", kernels.Kernels(spy(real.ties), spy(real.dare),
-                                                                   real.bracket_counts, real.fused))
+                                                                   real.bracket_counts, real.sample_magnitudes,
+                                                                   real.fused))
     fast = merge_to_file(recipe, tmp_path / "numba" / "out.safetensors")
     assert len(calls) > 100  # the kernels merged the tensors (hundreds of keys)
     slow = _on_numpy(monkeypatch, lambda: merge_to_file(recipe, tmp_path / "numpy" / "out.safetensors"))
     assert fast.sha256 == slow.sha256
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("n, step", [(1, 1), (1000, 1), (100_003, 7), (70_000, 70_000)])
+def test_the_kernel_sample_is_torchs_strided_sample(dtype, n, step):
+    a, m = _models(n, k=1, dtypes=(dtype, dtype), seed=8)
+    want = (m[::step].float() - a[::step].float()).abs_().numpy()
+    got = S._kernel_sample(a, m, step)
+    assert got is not None and np.array_equal(got.view(np.int32), want.view(np.int32))

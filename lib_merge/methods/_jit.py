@@ -242,3 +242,10 @@ def bracket_counts(a, ms, lo, hi, above, within, cand):
         above[i] = ab
         within[i] = w
 
+
+
+@jit
+def sample_magnitudes(a, m, step, out):
+    """|m − a| at entries 0, step, 2·step, … into ``out``."""
+    for j in range(out.shape[0]):
+        out[j] = abs(to_f32(m[j * step]) - to_f32(a[j * step]))

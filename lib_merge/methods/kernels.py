@@ -31,6 +31,7 @@ class Kernels:
     ties: Callable
     dare: Callable
     bracket_counts: Callable
+    sample_magnitudes: Callable
     fused: bool  # torch rounds add(a, b, alpha=x) once (a fused multiply-add): the kernels' last step does too
 
 
@@ -51,7 +52,8 @@ def _load() -> tuple[Optional[Kernels], str]:
     if fused is None:
         return None, "numpy (the kernels do not round as torch does on this machine)"
     import numba
-    return Kernels(_jit.ties, _jit.dare, _jit.bracket_counts, fused), f"numba {numba.__version__}"
+    return (Kernels(_jit.ties, _jit.dare, _jit.bracket_counts, _jit.sample_magnitudes, fused),
+            f"numba {numba.__version__}")
 
 
 def _probe_fma(ties: Callable) -> Optional[bool]:
