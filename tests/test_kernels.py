@@ -78,22 +78,27 @@ def test_kernels_alone_give_the_numpy_paths_bits(monkeypatch, mode, dtypes):
     assert not torch.equal(got, ts[0].float())  # the task vectors moved it off A
 
 
-@pytest.mark.parametrize("mode", ["ties", "dare_ties"])
-def test_a_non_finite_chunk_goes_to_the_exact_formula(monkeypatch, mode):
-    ts = _models(5 * 512 + 3, seed=2)
+@pytest.mark.parametrize("mode, exact", [("ties", "disjoint_mean"), ("dare_ties", "disjoint_mean"),
+                                         ("dare", "_summed")])
+def test_a_non_finite_chunk_goes_to_the_exact_formula(monkeypatch, mode, exact):
+    ts = _models(6 * 1024 + 3, seed=2)
     monkeypatch.setattr(S, "CHUNK", 1024)
     ts[1][1500] = float("inf")
     ts[2][1500] = float("-inf")
     ts[3][2560] = float("nan")
+    ts[2][5500] = float("nan")  # chunks 1, 2 and 5: the numpy path's draws skip chunks 0, 3 and 4
     fn = getattr(tv, mode)
     want = _on_numpy(monkeypatch, lambda: fn(ts, 0.6, 0.0, {"density": 1.0}, "k", 3))
     exact_calls = []
-    real = tv.disjoint_mean
-    monkeypatch.setattr(tv, "disjoint_mean", lambda ds: exact_calls.append(1) or real(ds))
+    real = getattr(tv, exact)
+    monkeypatch.setattr(tv, exact, lambda ds: exact_calls.append(1) or real(ds))
     got = fn(ts, 0.6, 0.0, {"density": 1.0}, "k", 3)
     assert torch.equal(_bits(got), _bits(want))
-    assert len(exact_calls) == 2  # chunks 1 and 2 (entries 1024-3071) have a non-finite total; 0 and the tail do not
-    assert torch.isfinite(got[:1024]).all() and torch.isfinite(got[3072:]).all()
+    assert len(exact_calls) == 3  # chunks 1, 2 and 5 have a non-finite total; the others do not
+    for lo, hi in ((0, 1024), (3072, 5120), (6144, 6147)):
+        assert torch.isfinite(got[lo:hi]).all()
+    got = fn(ts, 0.6, 0.0, {"density": 0.4}, "k", 3)  # some entries dropped: the skipped draws must line up
+    assert torch.equal(_bits(got), _bits(_on_numpy(monkeypatch, lambda: fn(ts, 0.6, 0.0, {"density": 0.4}, "k", 3))))
 
 
 def test_mixed_task_vector_dtypes_use_the_numpy_path_with_the_same_numbers(monkeypatch):

@@ -134,12 +134,20 @@ def thresholds(a: Tensor, ms: list[Tensor], density: float) -> list[Trim]:
         return out
 
 
-def _kernel_counts(a: Tensor, ms: list[Tensor], lo: np.ndarray, hi: np.ndarray, cap: int):
-    """``_numpy_counts`` by the compiled kernel (None when it cannot run on these inputs)."""
+def _kernel_inputs(a: Tensor, ms: list[Tensor]):
+    """The loaded kernels and A and the models as they take them, or None (no kernels, or inputs they do not
+    take: the numpy path runs)."""
     kern = kernels.get()
     ins = kernels.inputs(a, ms) if kern is not None else None
-    if ins is None:
+    return None if ins is None else (kern, ins)
+
+
+def _kernel_counts(a: Tensor, ms: list[Tensor], lo: np.ndarray, hi: np.ndarray, cap: int):
+    """``_numpy_counts`` by the compiled kernel (None when it cannot run on these inputs)."""
+    got = _kernel_inputs(a, ms)
+    if got is None:
         return None
+    kern, ins = got
     above = np.zeros(len(ms), dtype=np.int64)
     within = np.zeros(len(ms), dtype=np.int64)
     cand = np.empty((len(ms), min(cap, a.numel()) + 1), dtype=np.float32)
@@ -152,10 +160,10 @@ def _kernel_counts(a: Tensor, ms: list[Tensor], lo: np.ndarray, hi: np.ndarray, 
 def _kernel_sample(a: Tensor, m: Tensor, step: int) -> Optional[np.ndarray]:
     """|m − a| at every ``step``-th entry by the compiled kernel (torch's strided copies of a 64 Ki sample cost
     1.5 ms a tensor), or None when it cannot run on these inputs."""
-    kern = kernels.get()
-    ins = kernels.inputs(a, [m]) if kern is not None else None
-    if ins is None:
+    got = _kernel_inputs(a, [m])
+    if got is None:
         return None
+    kern, ins = got
     out = np.empty(-(-a.numel() // step), dtype=np.float32)
     return out if _run(kern.sample_magnitudes, ins[0], ins[1][0], step, out) else None
 
@@ -229,9 +237,15 @@ class KeepDraws:
         return u[:n]
 
 
+def keep_below(p: float) -> int:
+    """The draws u kept with probability ``p`` are u < this (p as float32, as torch compares a tensor with it;
+    ≤ 0 keeps none, ≥ 2³² keeps all)."""
+    return math.ceil(float(np.float32(p)) * U32)
+
+
 def keep_fixed(u: np.ndarray, p: float, out: np.ndarray) -> np.ndarray:
-    """``u < p · 2³²`` for one probability ``p`` (as float32, as torch compares a tensor with it)."""
-    thr = math.ceil(float(np.float32(p)) * U32)
+    """``u < p · 2³²`` for one probability ``p`` (:func:`keep_below`)."""
+    thr = keep_below(p)
     if thr >= 1 << 32:
         out.fill(True)
     elif thr <= 0:
@@ -323,11 +337,13 @@ def dare(tensors: list[Tensor], alpha: float, density: float, seed: int, elect: 
                 np.divide(v.D, np.float32(density), out=v.D)
 
         redo = _kernel_dare(a, ms, seed, density, elect, alpha, out)
+        pos = 0  # the entry the draws are at
         for s, e, v in c.spans():
             if redo is not None:
                 if not redo[s // CHUNK]:
                     continue
-                draws = _draws_at(seed, len(ms), s)
+                _skip(draws, s - pos)
+            pos = e
             v.a.copy_(a[s:e])
             for dr, keep in zip(draws, v.K):
                 keep_fixed(dr.next(v.L), density, keep)
@@ -356,10 +372,10 @@ def _kernel_ties(a: Tensor, ms: list[Tensor], cut: Optional[np.ndarray], alpha: 
                  out: Tensor) -> Optional[np.ndarray]:
     """``ties``'s merge pass by the compiled kernel into ``out``; returns the flags of the chunks to compute again
     (their totals are not finite), or None when the kernel cannot run (the numpy path does every chunk)."""
-    kern = kernels.get()
-    ins = kernels.inputs(a, ms) if kern is not None else None
-    if ins is None:
+    got = _kernel_inputs(a, ms)
+    if got is None:
         return None
+    kern, ins = got
     cuts = np.zeros(len(ms), dtype=np.float32) if cut is None else cut[:, 0].copy()
     redo = np.zeros(a.numel() // CHUNK + 1, dtype=bool)
     if not _run(kern.ties, ins[0], ins[1], cuts, np.float32(alpha), kern.fused, out.numpy(), redo, CHUNK):
@@ -372,14 +388,13 @@ def _kernel_dare(a: Tensor, ms: list[Tensor], seed: int, density: float, elect: 
     """``dare``'s pass by the compiled kernel into ``out`` (the same draws: each model's SFC64 stream, stepped by
     the kernel from numpy's seeded state); returns the flags of the chunks to compute again, or None when the
     kernel cannot run."""
-    kern = kernels.get()
-    ins = kernels.inputs(a, ms) if kern is not None else None
-    if ins is None:
+    got = _kernel_inputs(a, ms)
+    if got is None:
         return None
+    kern, ins = got
     n = a.numel()
     state = np.stack([KeepDraws(seed, i).bits.state["state"]["state"] for i in range(1, len(ms) + 1)])
-    f32 = float(np.float32(density))
-    thr = np.int64(min(max(math.ceil(f32 * U32), 0), 1 << 32))  # keep_fixed's comparison, as one integer
+    thr = np.int64(min(max(keep_below(density), 0), 1 << 32))  # keep_fixed's rule as one comparison
     redo = np.zeros(n // CHUNK + 1, dtype=bool)
     if not _run(kern.dare, ins[0], ins[1], state.astype(np.uint64), thr, np.float32(density), elect,
                 np.float32(alpha), kern.fused, out.numpy(), redo, CHUNK):
@@ -387,14 +402,12 @@ def _kernel_dare(a: Tensor, ms: list[Tensor], seed: int, density: float, elect: 
     return redo
 
 
-DISCARD = 1 << 20  # draws discarded at a time when the numpy path positions a stream
+DISCARD = 1 << 20  # draws discarded at a time when the numpy path skips chunks the kernel did
 
 
-def _draws_at(seed: int, models: int, start: int) -> list[KeepDraws]:
-    """Each model's draws positioned at entry ``start`` (even): the numpy path's streams for a chunk the kernel
-    left to it."""
-    draws = [KeepDraws(seed, i) for i in range(1, models + 1)]
+def _skip(draws: list[KeepDraws], entries: int) -> None:
+    """Move each model's draws ``entries`` (even) entries on: the chunks before a chunk the kernel left to the
+    numpy path (SFC64 cannot jump: draw and discard, a span at a time; every chunk is skipped at most once)."""
     for d in draws:
-        for s in range(0, start // 2, DISCARD):  # SFC64 cannot jump: draw and discard, a span at a time
-            d.bits.random_raw(min(DISCARD, start // 2 - s))
-    return draws
+        for s in range(0, entries // 2, DISCARD):
+            d.bits.random_raw(min(DISCARD, entries // 2 - s))
