@@ -23,9 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-TILE = 512  # the kernels' tile (``_jit.TILE``)
-
-
 @dataclass(frozen=True)
 class Kernels:
     ties: Callable
@@ -40,6 +37,7 @@ _state: dict = {}  # "kernels": Kernels or None, "why": why not; owned by get()/
 
 
 def _load() -> tuple[Optional[Kernels], str]:
+    """The kernels (imported, compiled or loaded from numba's cache, probed) and the status line."""
     if os.environ.get("BLOCKMERGE_KERNELS", "").lower() in ("numpy", "off", "0"):
         return None, "off (BLOCKMERGE_KERNELS=numpy)"
     try:
@@ -61,7 +59,7 @@ def _probe_fma(ties: Callable) -> Optional[bool]:
     body and in the tail alike: TIES with one task vector kept whole is A + alpha · δ, so the kernel run with
     either rounding is compared with torch's result. None when neither matches."""
     g = torch.Generator().manual_seed(12345)
-    n = 4 * TILE + 37
+    n = 2085  # several tiles and a tail, vectorized loops and their scalar remainders
     a = torch.randn(n, generator=g) * 3
     m = a + torch.randn(n, generator=g)
     alpha = 0.3  # not a power of two: fused and unfused results differ on many entries
