@@ -236,3 +236,19 @@ def test_the_kernel_sample_is_torchs_strided_sample(dtype, n, step):
     want = (m[::step].float() - a[::step].float()).abs_().numpy()
     got = S._kernel_sample(a, m, step)
     assert got is not None and np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def test_the_compaction_never_writes_past_the_candidate_buffer():
+    """A tile whose bracketed entries exactly fill the buffer's last columns: the branch-free compaction writes
+    one slot past the last entry it keeps, so it must only run while that slot is inside the buffer."""
+    from lib_merge.methods import _jit
+    n = _jit.TILE
+    a = np.zeros(n, np.float32)
+    m = np.ones(n, np.float32)
+    m[-1] = np.nan  # the last entry is not in the bracket: the compaction writes its slot after the last kept
+    big = np.full((1, n), -7.0, np.float32)
+    cand = big[:, :n - 1]  # room for n - 1 entries; big's last column is a sentinel
+    above, within = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    _jit.bracket_counts(a, (m,), np.zeros(1, np.float32), np.full(1, 10, np.float32), above, within, cand)
+    assert within[0] == n - 1 and above[0] == 1
+    assert big[0, -1] == -7.0

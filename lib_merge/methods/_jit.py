@@ -213,7 +213,7 @@ def bracket_counts(a, ms, lo, hi, above, within, cand):
     compaction writes one entry past the last it keeps)."""
     n = a.shape[0]
     k = len(ms)
-    cap = cand.shape[1]
+    room = cand.shape[1] - 1  # the last column takes the write past the last entry kept
     P = np.empty(TILE, np.float32)
     for i in range(k):
         m = ms[i]
@@ -231,7 +231,7 @@ def bracket_counts(a, ms, lo, hi, above, within, cand):
                 P[j] = x
                 ab += not (x <= hii)
                 got += (x >= li) & (x <= hii)
-            if got and w + got <= cap:  # branch-free compaction (an if per entry mispredicts)
+            if got and w + got <= room:  # branch-free compaction (an if per entry mispredicts)
                 ci = cand[i, w:w + got + 1]
                 q = 0
                 for j in range(L):
@@ -241,7 +241,6 @@ def bracket_counts(a, ms, lo, hi, above, within, cand):
             w += got
         above[i] = ab
         within[i] = w
-
 
 
 @jit
